@@ -1,0 +1,30 @@
+"""pytest-benchmark suite for layer_norm and rms_norm: the same cases as `fastlm bench --op norm`.
+
+    pytest benchmarks/bench_norm.py --benchmark-group-by=param:case
+
+Each case's competitors (fastlm backends, torch eager, torch.compile) run side by side; the
+report's "ops" column is calls per second. For the GB/s and the share of copy bandwidth, use
+`fastlm bench --op norm`.
+"""
+
+import pytest
+import torch
+
+from fastlm.bench import harness, norm
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = {c.name: c for c in norm.cases(DEVICE, quick=False)}
+PARAMS = [(c, impl, p) for c in CASES for impl in CASES[c].impls for p in harness.PASSES]
+
+
+@pytest.mark.parametrize("case,impl,pass_", PARAMS, ids=["/".join(p) for p in PARAMS])
+def test_norm(benchmark, case, impl, pass_):
+    c = CASES[case]
+    timers = harness.timers(c.impls[impl], c.make(), DEVICE)
+    fn = timers[pass_]
+    if DEVICE.type == "cuda":
+        def fn(f=timers[pass_]):
+            f()
+            torch.cuda.synchronize()
+    benchmark.extra_info.update(bytes=c.work[pass_], dtype=str(c.dtype))
+    benchmark(fn)

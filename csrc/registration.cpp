@@ -1,0 +1,25 @@
+// The one place where fastlm._C's kernels become torch ops (torch.ops.fastlm_C.*).
+// These are private building blocks: the public, autograd-aware ops are torch.ops.fastlm.*,
+// registered in fastlm/ops/*.py, which pick a backend and call these.
+#include <torch/library.h>
+
+#include "fastlm.h"
+
+TORCH_LIBRARY(fastlm_C, m) {
+  m.def("norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool rms)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dh,"
+        " bool rms, bool has_bias) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
+  m.impl("norm_fwd", &fastlm::norm_fwd_cpu);
+  m.impl("norm_bwd", &fastlm::norm_bwd_cpu);
+}
+
+#ifdef FASTLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastlm_C, CUDA, m) {
+  m.impl("norm_fwd", &fastlm::norm_fwd_cuda);
+  m.impl("norm_bwd", &fastlm::norm_bwd_cuda);
+}
+#endif

@@ -1,0 +1,5 @@
+"""Drop-in modules: same constructor arguments and state_dict keys as their torch.nn twins."""
+
+from fastlm.nn.norm import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

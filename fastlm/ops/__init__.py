@@ -1,0 +1,5 @@
+"""Functional ops: swap `torch.nn.functional.X` for `fastlm.ops.X`; each takes `backend=`."""
+
+from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op (installed as fastlm.kernels): launchers, no autograd or dispatch."""

@@ -1,0 +1,81 @@
+"""Choosing a backend: the argument, use_backend, FASTLM_BACKEND, and errors that say why."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastlm
+from fastlm import backends
+
+
+def test_torch_is_always_available():
+    assert backends.why_unavailable("torch", "cpu") is None
+    assert "torch" in backends.available("cpu")
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(fastlm.BackendUnavailable, match="unknown backend 'fast'.*torch, cpu, cuda, triton"):
+        backends.choose("layer_norm", torch.device("cpu"), "fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fastlm.use_backend("fast"):
+            pass
+
+
+def test_backend_for_another_device_says_why():
+    with pytest.raises(fastlm.BackendUnavailable, match="backend 'cuda' runs on CUDA tensors"):
+        fastlm.ops.layer_norm(torch.randn(2, 4), (4,), backend="cuda")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="triton runs on the CPU here")
+def test_triton_on_cpu_needs_the_interpreter():
+    with pytest.raises(fastlm.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        fastlm.ops.rms_norm(torch.randn(2, 4), (4,), backend="triton")
+
+
+def test_use_backend_nests_and_restores():
+    dev = torch.device("cpu")
+    auto = backends.choose("x", dev)
+    with fastlm.use_backend("torch"):
+        assert backends.choose("x", dev) == "torch"
+        with fastlm.use_backend(None):
+            assert backends.choose("x", dev) == auto
+        assert backends.choose("x", dev) == "torch"
+        assert backends.choose("x", dev, "torch") == "torch"  # the argument wins
+    assert backends.choose("x", dev) == auto
+
+
+def test_auto_prefers_compiled_kernels_on_cpu():
+    expected = "cpu" if backends.why_unavailable("cpu", "cpu") is None else "torch"
+    assert backends.choose("x", torch.device("cpu")) == expected
+
+
+def test_environment_variable_sets_the_default():
+    code = "import torch, fastlm; print(fastlm.backends.choose('x', torch.device('cpu')))"
+    env = {**os.environ, "FASTLM_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["FASTLM_BACKEND"] = "cuda"
+    code = "import torch, fastlm; fastlm.ops.layer_norm(torch.randn(2, 4), (4,))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "backend 'cuda' is not available" in out.stderr
+
+
+def test_extension_missing_falls_back_to_torch():
+    # A fresh interpreter that cannot find fastlm._C still imports fastlm and uses torch.
+    code = (
+        "import importlib.util, sys\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'fastlm._C' else real(n, *a)\n"
+        "import torch, fastlm\n"
+        "from fastlm.info import report\n"
+        "print(fastlm.backends.choose('x', torch.device('cpu')))\n"
+        "print(fastlm.ops.layer_norm(torch.ones(2, 4), (4,)).abs().sum().item())\n"
+        "print(report())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "torch" and float(lines[1]) == 0.0
+    assert "fastlm._C was not built" in out.stdout

@@ -1,0 +1,269 @@
+"""layer_norm, rms_norm and their add_ variants on every backend, against a float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import ops
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+SHAPES = [(1, 1), (3, 7, 1023), (5, 123), (2, 4097), (0, 16)]
+LOW = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]  # bf16 is broken in the interpreter
+
+
+def reference(kind, x, shape, w, b, eps, residual=None):
+    """The float64 truth: (y, h) with h = x + residual rounded to x's dtype, as torch would."""
+    h = x if residual is None else x + residual
+    hd, wd = h.double(), None if w is None else w.double()
+    if kind == "layer":
+        y = F.layer_norm(hd, shape, wd, None if b is None else b.double(), eps)
+    else:
+        y = F.rms_norm(hd, shape, wd, eps)
+    return y, h
+
+
+def run(kind, x, shape, w, b, eps, backend, residual=None):
+    if residual is None:
+        fn = ops.layer_norm if kind == "layer" else ops.rms_norm
+        args = (w, b, eps) if kind == "layer" else (w, eps)
+        return fn(x, shape, *args, backend=backend), None
+    fn = ops.add_layer_norm if kind == "layer" else ops.add_rms_norm
+    args = (w, b, eps) if kind == "layer" else (w, eps)
+    return fn(x, residual, shape, *args, backend=backend)
+
+
+def make(shape, ndims, dtype, device, affine, residual=False):
+    norm_shape = shape[len(shape) - ndims:]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype).to(device)
+    w = b = r = None
+    if affine:
+        w = (1 + 0.5 * torch.randn(norm_shape, dtype=torch.float64)).to(dtype).to(device)
+        b = (0.3 * torch.randn(norm_shape, dtype=torch.float64)).to(dtype).to(device)
+    if residual:
+        r = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    return x, norm_shape, w, b, r
+
+
+def cpu(t):
+    return None if t is None else t.detach().cpu()
+
+
+def grads(out, inputs, dy):
+    live = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(out, live, dy, allow_unused=True)
+    it = iter(got)
+    return [next(it) if t is not None else None for t in inputs]
+
+
+def check_case(kind, shape, ndims, dtype, device, backend, affine, residual, tol):
+    x, ns, w, b, r = make(shape, ndims, dtype, device, affine, residual)
+    if kind == "rms":
+        b = None
+    leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    y, h = run(kind, x, ns, w, b, 1e-5, backend, r)
+    yr, hr = reference(kind, cpu(x), ns, cpu(w), cpu(b), 1e-5, cpu(r))
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    torch.testing.assert_close(y.cpu().double(), yr, **tol)
+    if residual:
+        torch.testing.assert_close(h.cpu(), hr)  # the add is exact in the input dtype
+    if x.numel() == 0:
+        return
+    dy = torch.randn(shape, dtype=torch.float64)
+    # The reference differentiates through the float64 norm of the rounded h, plus dy2 into h.
+    dh = torch.randn(shape, dtype=torch.float64) if residual else None
+    got = grads((y, h) if residual else y, leaves,
+                (dy.to(dtype).to(device), dh.to(dtype).to(device)) if residual else dy.to(dtype).to(device))
+    xd = (x.detach().cpu().double() if r is None else (x.detach() + r.detach()).cpu().double()).requires_grad_()
+    wd = w.detach().cpu().double().requires_grad_() if w is not None else None
+    bd = b.detach().cpu().double().requires_grad_() if b is not None else None
+    yd = (F.layer_norm(xd, ns, wd, bd, 1e-5) if kind == "layer" else F.rms_norm(xd, ns, wd, 1e-5))
+    want = grads(yd, [xd, wd, bd], dy)
+    if residual:
+        want[0] = want[0] + dh
+        want.append(want[0])
+    for name, g, wg in zip(("dx", "dweight", "dbias", "dresidual"), got, want):
+        if g is None:
+            continue
+        assert g.dtype == dtype, name
+        scale = max(1.0, wg.abs().max().item())
+        torch.testing.assert_close(g.cpu().double() / scale, wg / scale, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+F32_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_float32(backend, device, kind, shape, affine):
+    check_case(kind, shape, 1, torch.float32, device, backend, affine, False, F32_TOL)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("shape", [(3, 7, 1023), (5, 123), (0, 8)], ids=str)
+def test_add_norm(backend, device, kind, shape):
+    check_case(kind, shape, 1, torch.float32, device, backend, True, True, F32_TOL)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_multidim_normalized_shape(backend, device, kind):
+    check_case(kind, (4, 3, 5, 7), 2, torch.float32, device, backend, True, False, F32_TOL)
+
+
+def test_float64(backend, device):
+    if backend not in ("torch", "cpu"):
+        pytest.skip("float64 runs on the torch and cpu backends")
+    tol = dict(rtol=1e-12, atol=1e-12)
+    for kind in ("layer", "rms"):
+        check_case(kind, (6, 300), 1, torch.float64, device, backend, True, True, tol)
+
+
+def low_precision_error(kind, dtype, device, backend, residual):
+    """Max error against float64, for output and gradients, scaled by the reference's size."""
+    x, ns, w, b, r = make((64, 512), 1, dtype, device, True, residual)
+    if kind == "rms":
+        b = None
+    leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    y, _ = run(kind, x, ns, w, b, 1e-5, backend, r)
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    got = [y] + [g for g in grads(y, leaves, dy.to(dtype).to(device)) if g is not None]
+    xd = (x.detach() if r is None else x.detach() + r.detach()).cpu().double().requires_grad_()
+    wd = w.detach().cpu().double().requires_grad_()
+    bd = b.detach().cpu().double().requires_grad_() if b is not None else None
+    yd = F.layer_norm(xd, ns, wd, bd, 1e-5) if kind == "layer" else F.rms_norm(xd, ns, wd, 1e-5)
+    want = [yd.detach()] + [g for g in grads(yd, [xd, wd, bd], dy) if g is not None]
+    if residual:
+        want.append(want[1])
+    return [((g.cpu().double() - t).abs().max() / t.abs().max()).item() for g, t in zip(got, want)]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add_norm"])
+def test_low_precision_within_twice_torch(backend, device, dtype, kind, residual):
+    if backend == "torch":
+        pytest.skip("the torch path is the yardstick here")
+    torch.manual_seed(1)
+    ours = low_precision_error(kind, dtype, device, backend, residual)
+    torch.manual_seed(1)
+    theirs = low_precision_error(kind, dtype, "cpu", "torch", residual)
+    floor = torch.finfo(dtype).eps  # one rounding of the result
+    for name, e, t in zip(("y", "dx", "dweight", "dbias", "dresidual"), ours, theirs):
+        assert e <= 2 * t + floor, f"{name}: error {e:.3g} vs torch's {t:.3g} in {dtype}"
+
+
+def test_noncontiguous_input(backend, device):
+    x = torch.randn(33, 64, dtype=torch.float32, device=device).t()  # (64, 33), strided
+    w = torch.randn(33, device=device)
+    y = ops.layer_norm(x, (33,), w, None, backend=backend)
+    torch.testing.assert_close(y.double().cpu(), F.layer_norm(x.double().cpu(), (33,), w.double().cpu()), **F32_TOL)
+
+
+def test_weight_in_another_dtype_is_cast(backend, device):
+    if backend not in ("torch", "cpu") and device == "cpu":
+        pytest.skip("bfloat16 is not exercised under the Triton interpreter")
+    x = torch.randn(8, 32, device=device, dtype=torch.bfloat16)
+    w = torch.randn(32, device=device, requires_grad=True)  # float32 master weights
+    y = ops.rms_norm(x, (32,), w, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+def test_gradcheck_float64_cpu():
+    if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+        pytest.skip("the cpu backend is not built")
+    x = torch.randn(4, 3, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, (3, 10), w, b, backend="cpu"), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: ops.rms_norm(x, (3, 10), w, backend="cpu"), (x, w))
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: ops.add_layer_norm(x, r, (3, 10), w, b, backend="cpu"), (x, r, w, b)
+    )
+    assert torch.autograd.gradcheck(lambda x, r, w: ops.add_rms_norm(x, r, (3, 10), w, backend="cpu"), (x, r, w))
+
+
+def test_nan_propagates(backend, device):
+    x = torch.randn(3, 16, device=device)
+    x[1, 5] = float("nan")
+    y = ops.layer_norm(x, (16,), backend=backend)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, err, words",
+    [
+        (lambda x, w: ops.layer_norm(x, (16,), w), ValueError, "normalized_shape"),
+        (lambda x, w: ops.layer_norm(x, "32", w), TypeError, "normalized_shape"),
+        (lambda x, w: ops.layer_norm(x, (32,), w[:8]), ValueError, "weight"),
+        (lambda x, w: ops.layer_norm(x, (32,), None, w[:5]), ValueError, "bias"),
+        (lambda x, w: ops.layer_norm(x.long(), (32,)), TypeError, "input"),
+        (lambda x, w: ops.layer_norm(x.numpy(), (32,)), TypeError, "input"),
+        (lambda x, w: ops.rms_norm(x, (32,), w.long()), TypeError, "weight"),
+        (lambda x, w: ops.add_layer_norm(x, x[:2], (32,), w), ValueError, "residual"),
+        (lambda x, w: ops.add_rms_norm(x, x.double(), (32,), w), TypeError, "residual"),
+        (lambda x, w: ops.layer_norm(x, (32,), w, backend="nope"), RuntimeError, "unknown backend"),
+    ],
+)
+def test_bad_input_names_the_argument(call, err, words):
+    x, w = torch.randn(4, 32), torch.randn(32)
+    with pytest.raises(err, match=words):
+        call(x, w)
+
+
+def test_wrong_dtype_for_backend():
+    if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+        pytest.skip("the cpu backend is not built")
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend 'triton' supports"):
+        fastlm.ops._checks.backend_dtype("layer_norm", "triton", x)
+
+
+def test_weight_on_other_device():
+    meta_w = torch.empty(32, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta"):
+        ops.layer_norm(torch.randn(4, 32), (32,), meta_w)
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compile_fullgraph(backend, device):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile does not trace the Triton interpreter")
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = fastlm.nn.LayerNorm(64)
+            self.rms = fastlm.nn.RMSNorm(64)
+            self.lin = torch.nn.Linear(64, 64)
+
+        def forward(self, x, r):
+            y, h = ops.add_layer_norm(x, r, (64,), self.ln.weight, self.ln.bias)
+            return self.rms(self.lin(y)) + self.ln(h)
+
+    model = Block().to(device)
+    x = torch.randn(8, 64, device=device, requires_grad=True)
+    r = torch.randn(8, 64, device=device)
+    with fastlm.use_backend(backend):
+        eager = model(x, r)
+        (gx,) = torch.autograd.grad(eager.sum(), x)
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(x, r)
+        (gxc,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(gxc, gx)
