@@ -267,3 +267,27 @@ def test_compile_fullgraph(backend, device):
         (gxc,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(gxc, gx)
+
+
+# --- any shape --------------------------------------------------------------------------------
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # hypothesis comes with the dev extra
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=25, deadline=None)
+    @given(
+        lead=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+        n=st.integers(1, 300),
+        kind=st.sampled_from(["layer", "rms"]),
+        affine=st.booleans(),
+        residual=st.booleans(),
+    )
+    def test_any_shape_matches_float64(lead, n, kind, affine, residual):
+        if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+            pytest.skip("the cpu backend is not built")
+        check_case(kind, (*lead, n), 1, torch.float32, "cpu", "cpu", affine, residual, F32_TOL)
