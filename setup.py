@@ -24,7 +24,7 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cxx = ["-O3", "-g0", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    cxx = ["-O3", "-g0", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not want_cuda():
         return cpp_extension.CppExtension(

@@ -10,11 +10,18 @@ TORCH_LIBRARY(fastlm_C, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dh,"
         " bool rms, bool has_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("embedding_fwd(Tensor ids, Tensor weight) -> Tensor");
+  m.def("tok_pos_embedding_fwd(Tensor ids, Tensor tok, Tensor pos, int start_pos) -> Tensor");
+  m.def("embedding_bwd(Tensor dout, Tensor ids, int num_weights, int padding_idx, bool deterministic)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("norm_fwd", &fastlm::norm_fwd_cpu);
   m.impl("norm_bwd", &fastlm::norm_bwd_cpu);
+  m.impl("embedding_fwd", &fastlm::embedding_fwd_cpu);
+  m.impl("tok_pos_embedding_fwd", &fastlm::tok_pos_embedding_fwd_cpu);
+  m.impl("embedding_bwd", &fastlm::embedding_bwd_cpu);
 }
 
 #ifdef FASTLM_WITH_CUDA

@@ -16,6 +16,7 @@ from fastlm import nn
 SWAPS: dict[type, type] = {
     torch.nn.LayerNorm: nn.LayerNorm,
     torch.nn.RMSNorm: nn.RMSNorm,
+    torch.nn.Embedding: nn.Embedding,
 }
 
 

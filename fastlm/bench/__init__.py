@@ -33,6 +33,9 @@ def run(ops: list[str], device: str, quick: bool, out: str, plot: bool = True) -
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA device")
     print(f"machine: {machine_name(dev)}")
+    reuse = dev.type == "cpu" and harness.reuse_freed_host_memory()
+    if reuse:
+        print("host allocator: freed memory is reused (glibc mmap disabled), for every competitor alike")
     bw = harness.copy_bandwidth(dev)
     print(f"measured copy bandwidth: {bw:.1f} GB/s (read + write)")
     results = {}
@@ -42,7 +45,8 @@ def run(ops: list[str], device: str, quick: bool, out: str, plot: bool = True) -
             print(f"running {case.name} ({case.dtype}) ...", flush=True)
             rows += harness.run_case(case, dev, bw, reps=7 if quick else 15)
         print(harness.format_table(rows))
-        results[op] = {"ceiling": {"copy_GBps": bw}, "rows": [dataclasses.asdict(r) for r in rows]}
+        results[op] = {"ceiling": {"copy_GBps": bw}, "host_memory_reused": reuse,
+                       "rows": [dataclasses.asdict(r) for r in rows]}
     path = save(results, dev, quick, out)
     print(f"wrote {path}")
     if plot:

@@ -77,6 +77,25 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3
     return statistics.median(times)
 
 
+def reuse_freed_host_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel.
+
+    By default each CPU tensor of 32 MiB or more is a fresh mmap, and filling it page-faults on
+    every 4 KiB page: on small VMs that costs more than the op being measured (a 32 MiB fill
+    takes several times longer into fresh pages than into reused ones). Caching allocators
+    (jemalloc, tcmalloc), which CPU deployments of torch commonly use, avoid this, and so does
+    this setting. It applies to the whole process, so every competitor gets it alike.
+    Returns whether it took effect (it does only with glibc)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+    except (OSError, AttributeError):
+        return False
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured copy bandwidth in GB/s (bytes read + bytes written), over a buffer far larger
     than the last-level cache."""
@@ -84,7 +103,6 @@ def copy_bandwidth(device: torch.device) -> float:
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, reps=10)
-
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 

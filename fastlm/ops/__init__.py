@@ -1,5 +1,8 @@
 """Functional ops: swap `torch.nn.functional.X` for `fastlm.ops.X`; each takes `backend=`."""
 
+from fastlm.ops.embedding import embedding, token_position_embedding
 from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = [
+    "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "embedding", "token_position_embedding",
+]
