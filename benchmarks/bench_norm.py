@@ -3,7 +3,7 @@
     pytest benchmarks/bench_norm.py --benchmark-group-by=param:case
 
 Each case's competitors (fastlm backends, torch eager, torch.compile) run side by side; the
-report's "ops" column is calls per second. For the GB/s and the share of copy bandwidth, use
+report's "ops" column is calls per second. For GB/s and the share of copy bandwidth, use
 `fastlm bench --op norm`.
 """
 
@@ -19,12 +19,4 @@ PARAMS = [(c, impl, p) for c in CASES for impl in CASES[c].impls for p in harnes
 
 @pytest.mark.parametrize("case,impl,pass_", PARAMS, ids=["/".join(p) for p in PARAMS])
 def test_norm(benchmark, case, impl, pass_):
-    c = CASES[case]
-    timers = harness.timers(c.impls[impl], c.make(), DEVICE)
-    fn = timers[pass_]
-    if DEVICE.type == "cuda":
-        def fn(f=timers[pass_]):
-            f()
-            torch.cuda.synchronize()
-    benchmark.extra_info.update(bytes=c.work[pass_], dtype=str(c.dtype))
-    benchmark(fn)
+    harness.pytest_benchmark(benchmark, CASES[case], impl, pass_, DEVICE)

@@ -48,13 +48,16 @@ class Spec:
     signature: dict[str, str]
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
+    # Integer arguments to mark divisible by 16, as a launch marks e.g. D = 768: the row stride then
+    # proves rows 16-byte aligned, which is what lets the compiler vectorise row loads.
+    divisible: tuple[str, ...] = ()
 
 
 def compile_spec(spec: Spec):
     # ASTSource (same format in triton 3.6 and 3.9) wants constexpr arguments in the signature too,
     # typed "constexpr", with their values in a separate dict keyed by name.
     signature = {name: spec.signature.get(name, "constexpr") for name in spec.fn.arg_names}
-    unknown = (set(spec.signature) | set(spec.constexprs)) - set(spec.fn.arg_names)
+    unknown = (set(spec.signature) | set(spec.constexprs) | set(spec.divisible)) - set(spec.fn.arg_names)
     missing = [n for n, t in signature.items() if t == "constexpr" and n not in spec.constexprs]
     if unknown or missing:
         raise ValueError(f"spec does not match the kernel: unknown {sorted(unknown)}, missing {missing}")
@@ -63,7 +66,7 @@ def compile_spec(spec: Spec):
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(spec.fn.arg_names)
-        if signature[name].startswith("*")
+        if signature[name].startswith("*") or name in spec.divisible
     }
     src = ASTSource(spec.fn, signature, spec.constexprs, attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": spec.num_warps})
@@ -116,7 +119,58 @@ def norm_specs() -> list[Spec]:
     return specs
 
 
-SPEC_BUILDERS = [norm_specs]  # attention_specs, embedding_specs, quant_matmul_specs, ... go here
+def embedding_specs() -> list[Spec]:
+    from kernels import embedding
+
+    specs = []
+    size = {"fp16": 2, "bf16": 2, "fp32": 4}
+    for dt in DTYPES:
+        # (D, ids types, HAS_POS values, D divisible by 16): a narrow table, the typical width in
+        # every flag combination, the widest column block, and an unaligned width (no vector loads).
+        fwd_cases = [(64, ("i64",), (False, True), True), (768, ("i32", "i64"), (False, True), True),
+                     (8192, ("i64",), (False, True), True), (7, ("i64",), (False,), False)]
+        for D, id_types, pos_flags, aligned in fwd_cases:
+            block_r, block_d, warps = embedding._tile(D, size[dt], 1 << 20, True)
+            for it in id_types:
+                for has_pos in pos_flags:
+                    sig = {"Ids": f"*{it}", "W": f"*{dt}", "Pos": f"*{dt}", "Out": f"*{dt}", "Bad": "*i64",
+                           "n": "i32", "V": "i32", "D": "i32", "start_pos": "i32"}
+                    consts = {"HAS_POS": has_pos, "BLOCK_R": block_r, "BLOCK_D": block_d}
+                    if has_pos:
+                        sig["T"] = "i32"
+                    else:
+                        consts["T"] = 1  # the launcher passes T = 1, which a launch specialises
+                    specs.append(Spec(
+                        f"embedding_fwd[{'tok+pos' if has_pos else 'tok'},{it},D={D}]", dt,
+                        embedding._embedding_fwd_kernel, sig, consts, warps,
+                        ("D", "start_pos") if aligned else ("start_pos",),
+                    ))
+        for D, id_types, aligned in ((64, ("i64",), True), (768, ("i32", "i64"), True), (8192, ("i64",), True),
+                                     (7, ("i64",), False)):
+            block_r, block_d, warps = embedding._tile(D, size[dt], 1 << 20, True)
+            for it in id_types:
+                specs.append(Spec(
+                    f"embedding_bwd_atomic[{it},D={D}]", dt,
+                    embedding._embedding_bwd_atomic_kernel,
+                    {"DOut": f"*{dt}", "Ids": f"*{it}", "DW": "*fp32",
+                     "n": "i32", "V": "i32", "D": "i32", "padding_idx": "i32"},
+                    {"BLOCK_R": block_r, "BLOCK_D": block_d}, warps, ("D",) if aligned else (),
+                ))
+        for D, id_types, aligned in ((64, ("i64",), True), (768, ("i32", "i64"), True), (7, ("i64",), False)):
+            block_r, block_d, warps = embedding._tile(
+                D, 4, 1 << 20, True, embedding.SORTED_MAX_BLOCK_D, embedding.SORTED_BLOCK_R)
+            for it in id_types:
+                specs.append(Spec(
+                    f"embedding_bwd_sorted[{it},D={D}]", dt,
+                    embedding._embedding_bwd_sorted_kernel,
+                    {"DOut": f"*{dt}", "SortedIds": f"*{it}", "Perm": "*i64", "RunEnd": "*i64", "DW": f"*{dt}",
+                     "V": "i32", "D": "i32", "padding_idx": "i32"},
+                    {"BLOCK_R": block_r, "BLOCK_D": block_d}, warps, ("D",) if aligned else (),
+                ))
+    return specs
+
+
+SPEC_BUILDERS = [norm_specs, embedding_specs]  # attention_specs, quant_matmul_specs, ... go here
 
 
 def main(argv: list[str]) -> int:

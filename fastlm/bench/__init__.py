@@ -7,6 +7,7 @@ runs) and <out>/<machine>-<op>.png.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -17,14 +18,12 @@ import torch
 from fastlm.bench import harness
 from fastlm.info import machine_name, summary
 
-OPS = ("norm",)
+OPS = ("norm", "embedding")
 
 
 def _cases(op: str, device: torch.device, quick: bool):
-    if op == "norm":
-        from fastlm.bench import norm
-
-        return norm.cases(device, quick)
+    if op in OPS:
+        return importlib.import_module(f"fastlm.bench.{op}").cases(device, quick)
     raise ValueError(f"bench: unknown op {op!r}; choose from {', '.join(OPS)}")
 
 

@@ -173,3 +173,15 @@ def format_table(rows: list[Row]) -> str:
         rate = f"{r.rate:.1f} {r.metric}"
         lines.append(f"{r.case:<26}{r.pass_:<8}{r.impl:<15}{r.ms:>9.3f}{rate:>14}{r.pct_ceiling:>7.0f}%{ve:>9}{vc:>10}")
     return "\n".join(lines)
+
+
+def pytest_benchmark(benchmark, case: Case, impl: str, pass_: str, device: torch.device) -> None:
+    """Run one (case, competitor, pass) under pytest-benchmark's `benchmark` fixture."""
+    fn = timers(case.impls[impl], case.make(), device)[pass_]
+
+    def run():
+        fn()
+        sync(device)
+
+    benchmark.extra_info.update(work=case.work[pass_], metric=case.metric, dtype=str(case.dtype))
+    benchmark(run)
