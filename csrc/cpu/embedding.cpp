@@ -1,11 +1,12 @@
 // Embedding lookup on the CPU: a gather of rows forward, a scatter-add of rows backward.
 //
 // Forward is a parallel row copy (memcpy moves a row at the machine's copy speed) after a
-// check of every id, so no row outside the table is ever read. Backward splits the table's
-// columns among threads rather than its rows: each thread adds its slice of every gradient row
-// in the order of the ids, so repeated ids never contend (no locks, no atomics), the work is
-// balanced whatever the ids are, and the sum's order is fixed: the result is bitwise
-// reproducible, which is what deterministic mode asks for.
+// check of every id, so no row outside the table is ever read. Backward groups the gradient rows
+// by id with a counting sort (O(n + V), tiny beside the table), then threads split the table's
+// rows: each row is written once, either zeros or its sum, so the dense gradient costs one write
+// of the table instead of a zero-fill plus read-modify-writes, repeated ids never contend (no
+// locks, no atomics), and each sum runs in the ids' order: the result is bitwise reproducible,
+// which is all that deterministic mode asks for.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -14,6 +15,7 @@
 #include <atomic>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "fastlm.h"
 
@@ -80,20 +82,45 @@ void tok_pos_kernel(const I* ids, const T* tok, const T* pos, T* out, int64_t b,
   });
 }
 
-// acc[ids[i], cols] += dout[i, cols] for the thread's column slice, ids in order.
-template <typename T, typename A, typename I>
-void scatter_add_kernel(const T* dout, const I* ids, A* acc, int64_t n, int64_t d, int64_t padding_idx) {
-  constexpr int64_t kCols = 64;  // a 256-byte slice per task at float32: whole cache lines
-  const int64_t nblocks = (d + kCols - 1) / kCols;
-  at::parallel_for(0, nblocks, 1, [&](int64_t bbegin, int64_t bend) {
-    const int64_t c0 = bbegin * kCols, c1 = std::min(d, bend * kCols);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t v = ids[i];
-      if (v == padding_idx) continue;
-      const T* src = dout + i * d;
-      A* dst = acc + v * d;
+// Gradient rows grouped by id: a counting sort of the positions, stable, so each id's rows are
+// summed in the order they appear. Returns (starts (V + 1), order (n)); padding_idx is left out.
+template <typename I>
+void group_by_id(const I* ids, int64_t n, int64_t num_rows, int64_t padding_idx, std::vector<int64_t>& starts,
+                 std::vector<int64_t>& order) {
+  starts.assign(num_rows + 1, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] != padding_idx) ++starts[ids[i] + 1];
+  for (int64_t v = 0; v < num_rows; ++v) starts[v + 1] += starts[v];
+  order.resize(starts[num_rows]);
+  std::vector<int64_t> cursor(starts.begin(), starts.end() - 1);
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] != padding_idx) order[cursor[ids[i]]++] = i;
+}
+
+// Every row of dweight is written exactly once, by one thread: zeros where no id points, else the
+// sum of its gradient rows, accumulated in A and rounded once.
+template <typename T, typename A>
+void gather_sum_kernel(const T* dout, const int64_t* starts, const int64_t* order, T* dw, int64_t num_rows,
+                       int64_t d) {
+  at::parallel_for(0, num_rows, grain(d * sizeof(T)), [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(d);
+    for (int64_t v = begin; v < end; ++v) {
+      T* row = dw + v * d;
+      const int64_t k0 = starts[v], k1 = starts[v + 1];
+      if (k0 == k1) {
+        std::memset(static_cast<void*>(row), 0, d * sizeof(T));
+        continue;
+      }
+      const T* first = dout + order[k0] * d;
 #pragma omp simd
-      for (int64_t j = c0; j < c1; ++j) dst[j] += static_cast<A>(src[j]);
+      for (int64_t j = 0; j < d; ++j) acc[j] = static_cast<A>(first[j]);
+      for (int64_t k = k0 + 1; k < k1; ++k) {
+        const T* src = dout + order[k] * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<A>(src[j]);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) row[j] = static_cast<T>(acc[j]);
     }
   });
 }
@@ -150,19 +177,17 @@ at::Tensor embedding_bwd_cpu(const at::Tensor& dout, const at::Tensor& ids, int6
   const int64_t n = dout.size(0), d = dout.size(1);
   TORCH_CHECK(padding_idx >= -1 && padding_idx < num_weights, "embedding_bwd: padding_idx out of range");
   check_ids_any(ids, num_weights);  // never write outside the table, whoever calls this
-  const bool wide = dout.scalar_type() == at::kFloat || dout.scalar_type() == at::kDouble;
-  // float32 and float64 accumulate in place; 16-bit gradients in a float32 table, cast at the end.
-  auto acc = at::zeros({num_weights, d}, dout.options().dtype(wide ? dout.scalar_type() : at::kFloat));
-  if (n == 0 || d == 0) return wide ? acc : acc.to(dout.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dout.scalar_type(), "embedding_bwd_cpu", [&] {
-    using T = scalar_t;
-    using A = AccT<T>;
-    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "embedding_bwd_cpu", [&] {
-      scatter_add_kernel<T, A, index_t>(dout.data_ptr<T>(), ids.data_ptr<index_t>(), acc.data_ptr<A>(), n, d,
-                                        padding_idx);
-    });
+  auto dw = at::empty({num_weights, d}, dout.options());
+  if (num_weights == 0 || d == 0) return dw;
+  std::vector<int64_t> starts, order;
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "embedding_bwd_cpu", [&] {
+    group_by_id<index_t>(ids.data_ptr<index_t>(), n, num_weights, padding_idx, starts, order);
   });
-  return wide ? acc : acc.to(dout.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dout.scalar_type(), "embedding_bwd_cpu", [&] {
+    gather_sum_kernel<scalar_t, AccT<scalar_t>>(dout.data_ptr<scalar_t>(), starts.data(), order.data(),
+                                                dw.data_ptr<scalar_t>(), num_weights, d);
+  });
+  return dw;
 }
 
 }  // namespace fastlm
