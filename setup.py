@@ -35,7 +35,7 @@ def extension():
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     return cpp_extension.CUDAExtension(
         "fastlm._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.join(HERE, "csrc")],

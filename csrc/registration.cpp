@@ -28,5 +28,8 @@ TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
 TORCH_LIBRARY_IMPL(fastlm_C, CUDA, m) {
   m.impl("norm_fwd", &fastlm::norm_fwd_cuda);
   m.impl("norm_bwd", &fastlm::norm_bwd_cuda);
+  m.impl("embedding_fwd", &fastlm::embedding_fwd_cuda);
+  m.impl("tok_pos_embedding_fwd", &fastlm::tok_pos_embedding_fwd_cuda);
+  m.impl("embedding_bwd", &fastlm::embedding_bwd_cuda);
 }
 #endif
