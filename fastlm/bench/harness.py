@@ -53,28 +53,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 15,
-              min_time: float = 0.3) -> float:
-    """Median wall time of fn() in milliseconds, after warm-up; at least `reps` runs, and more
-    until `min_time` seconds have passed, so that fast kernels get enough samples."""
+def once_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of fn() in milliseconds (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 15) -> float:
+    """Median time of fn() in milliseconds, after warm-up."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start < min_time and len(times) < 1000):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+    return statistics.median(once_ms(fn, device) for _ in range(reps))
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                   reps: int = 15) -> dict[str, float]:
+    """Median time of each competitor, timed in turns (a, b, c, a, b, c, ...) rather than one
+    after another, so that a noisy stretch of the machine hits every competitor alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(once_ms(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def reuse_freed_host_memory() -> bool:
@@ -91,7 +104,8 @@ def reuse_freed_host_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+        # mallopt takes a C int: the largest trim threshold it can express is 2 GiB.
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         return False
 
@@ -137,30 +151,26 @@ def timers(fn: Callable, inputs: tuple, device: torch.device) -> dict[str, Calla
 
 def run_case(case: Case, device: torch.device, ceiling: float, *, reps: int = 15,
              log: Callable[[str], None] = print) -> list[Row]:
-    rows: list[Row] = []
     inputs = case.make()
+    fns: dict[str, dict[str, Callable]] = {}
     for impl, fn in case.impls.items():
         try:
-            fns = timers(fn, inputs, device)
+            fns[impl] = timers(fn, inputs, device)
         except Exception as e:  # a competitor that cannot run this case is reported, not fatal
             log(f"  {case.name}: {impl} skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-            continue
-        for p in case.passes:
-            ms = median_ms(fns[p], device, reps=reps)
-            scale = 1e9 if case.metric == "GB/s" else 1e12
-            rate = case.work[p] / (ms * 1e-3) / scale
-            rows.append(Row(case.op, case.name, case.shape, str(case.dtype).removeprefix("torch."), p, impl,
-                            ms, rate, case.metric, 100 * rate / ceiling))
-        del fns
-        gc.collect()
+    rows: list[Row] = []
+    scale = 1e9 if case.metric == "GB/s" else 1e12
     for p in case.passes:
-        by_impl = {r.impl: r.ms for r in rows if r.pass_ == p}
-        for r in rows:
-            if r.pass_ == p:
-                if "torch" in by_impl:
-                    r.vs_eager = by_impl["torch"] / r.ms
-                if "torch.compile" in by_impl:
-                    r.vs_compile = by_impl["torch.compile"] / r.ms
+        ms = interleaved_ms({impl: f[p] for impl, f in fns.items()}, device, reps=reps)
+        for impl, t in ms.items():
+            rate = case.work[p] / (t * 1e-3) / scale
+            rows.append(Row(case.op, case.name, case.shape, str(case.dtype).removeprefix("torch."), p, impl,
+                            t, rate, case.metric, 100 * rate / ceiling,
+                            vs_eager=ms["torch"] / t if "torch" in ms else None,
+                            vs_compile=ms["torch.compile"] / t if "torch.compile" in ms else None))
+    del fns
+    gc.collect()
+    rows.sort(key=lambda r: (list(case.impls).index(r.impl), case.passes.index(r.pass_)))
     return rows
 
 
