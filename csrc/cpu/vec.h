@@ -1,5 +1,5 @@
 // Eight-float AVX2 vectors for the CPU kernels: loads that widen bf16/fp16/fp32 storage to
-// float, stores that round back, streaming stores, and reductions with several accumulators.
+// float, stores that round back, and a horizontal sum for reductions.
 //
 // Why not plain loops: a reduction written as `s += v[j]` is one dependent chain of adds, whose
 // latency (4 cycles) rather than the load rate bounds it; compilers keep it that way without
@@ -45,20 +45,6 @@ inline void store(c10::BFloat16* p, __m256 v) {
 }
 inline void store(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-
-// Streaming stores skip reading the destination line into cache first, saving a third of the
-// traffic of a read-one-write-one pass. Worth it only for outputs far larger than the cache,
-// which will not be read back soon. They need p aligned to the vector's width in bytes, and a
-// fence (_mm_sfence) before other threads read what was written.
-inline void stream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
-inline void stream(c10::BFloat16* p, __m256 v) {
-  alignas(16) c10::BFloat16 tmp[kW];
-  store(tmp, v);
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
-}
-inline void stream(c10::Half* p, __m256 v) {
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
 inline float hsum(__m256 v) {
