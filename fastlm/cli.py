@@ -20,7 +20,7 @@ def _bench(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = list(bench.OPS) if args.op in (None, "all") else [args.op]
-    bench.run(ops, device, args.quick, args.out, plot=not args.no_plot)
+    bench.run(ops, device, args.quick, args.out, plot=not args.no_plot, reuse_memory=not args.default_allocator)
     return 0
 
 
@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="one shape per op, fewer repetitions")
     s.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
     s.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    s.add_argument("--default-allocator", action="store_true",
+                   help="CPU: keep glibc's allocator as it is (large outputs page-fault on every call) "
+                        "instead of reusing freed memory; results go to <machine>-default-alloc.json")
     s.set_defaults(func=_bench)
     return p
 

@@ -27,14 +27,15 @@ def _cases(op: str, device: torch.device, quick: bool):
     raise ValueError(f"bench: unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
-def run(ops: list[str], device: str, quick: bool, out: str, plot: bool = True) -> dict:
+def run(ops: list[str], device: str, quick: bool, out: str, plot: bool = True, reuse_memory: bool = True) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA device")
     print(f"machine: {machine_name(dev)}")
-    reuse = dev.type == "cpu" and harness.reuse_freed_host_memory()
-    if reuse:
-        print("host allocator: freed memory is reused (glibc mmap disabled), for every competitor alike")
+    reuse = reuse_memory and dev.type == "cpu" and harness.reuse_freed_host_memory()
+    if dev.type == "cpu":
+        print("host allocator: " + ("freed memory is reused (glibc mmap disabled), for every competitor alike"
+                                    if reuse else "glibc's default (large outputs page-fault on every call)"))
     bw = harness.copy_bandwidth(dev)
     print(f"measured copy bandwidth: {bw:.1f} GB/s (read + write)")
     results = {}
@@ -46,18 +47,20 @@ def run(ops: list[str], device: str, quick: bool, out: str, plot: bool = True) -
         print(harness.format_table(rows))
         results[op] = {"ceiling": {"copy_GBps": bw}, "host_memory_reused": reuse,
                        "rows": [dataclasses.asdict(r) for r in rows]}
-    path = save(results, dev, quick, out)
+    # Runs under glibc's default allocator go to a file of their own, beside the main results.
+    name = machine_name(dev) + ("" if reuse or dev.type != "cpu" else "-default-alloc")
+    path = save(results, dev, quick, out, name)
     print(f"wrote {path}")
     if plot:
         for op, res in results.items():
-            png = draw(op, res["rows"], Path(out) / f"{machine_name(dev)}-{op}.png")
+            png = draw(op, res["rows"], Path(out) / f"{name}-{op}.png")
             if png:
                 print(f"wrote {png}")
     return results
 
 
-def save(results: dict, dev: torch.device, quick: bool, out: str) -> Path:
-    path = Path(out) / f"{machine_name(dev)}.json"
+def save(results: dict, dev: torch.device, quick: bool, out: str, name: str) -> Path:
+    path = Path(out) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc["machine"] = summary(dev)
