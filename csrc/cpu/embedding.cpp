@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -150,12 +151,8 @@ at::Tensor tok_pos_embedding_fwd_cpu(const at::Tensor& ids, const at::Tensor& to
                                      int64_t start_pos) {
   check_args(ids, tok, "tok");
   check_args(ids, pos, "pos");
-  TORCH_CHECK(ids.dim() == 2, "tok_pos_embedding: ids must be 2-D (batch, time)");
-  TORCH_CHECK(tok.size(1) == pos.size(1) && tok.scalar_type() == pos.scalar_type(),
-              "tok_pos_embedding: tok and pos must share width and dtype");
+  check_tok_pos(ids, tok, pos, start_pos);
   const int64_t b = ids.size(0), t = ids.size(1), d = tok.size(1);
-  TORCH_CHECK(start_pos >= 0 && start_pos + t <= pos.size(0), "tok_pos_embedding: start_pos ", start_pos,
-              " + ", t, " positions exceeds the position table's ", pos.size(0), " rows");
   check_ids_any(ids, tok.size(0));
   auto out = at::empty({b, t, d}, tok.options());
   if (b * t == 0 || d == 0) return out;

@@ -29,19 +29,19 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/common.cuh"
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
 namespace {
 
+using cuda::dispatch_float;
+using cuda::Pack;
+
 constexpr int kBlock = 256;
 // Loads a thread issues before its first store: a gather is latency-bound unless many are in flight.
 constexpr int kUnroll = 4;
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 // Work comes in items (output rows, gradient rows, chunks of sorted ids). A group of `group`
 // threads owns an item and strides over its units (the 2- to 16-byte pieces of a row).
@@ -306,17 +306,6 @@ Plan plan(int64_t items, int64_t units, int per_thread, const char* op) {
   return {group, group * per_block, static_cast<unsigned int>(std::max<int64_t>(blocks, 1))};
 }
 
-// Calls f(T{}) with T the C++ type of dt; the caller has checked dt is one of these.
-template <typename F>
-void dispatch(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "embedding (cuda): unsupported dtype ", dt);
-  }
-}
-
 template <typename F>
 void dispatch_index(at::ScalarType dt, F&& f) {
   if (dt == at::kInt) f(int32_t{}); else f(int64_t{});
@@ -459,19 +448,15 @@ at::Tensor tok_pos_embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& t
   check_ids(ids);
   check_table(tok, ids, "tok");
   check_table(pos, ids, "pos");
-  TORCH_CHECK(ids.dim() == 2, "tok_pos_embedding: ids must be 2-D (batch, time)");
-  TORCH_CHECK(tok.size(1) == pos.size(1) && tok.scalar_type() == pos.scalar_type(),
-              "tok_pos_embedding: tok and pos must share width and dtype");
+  check_tok_pos(ids, tok, pos, start_pos);
   const int64_t b = ids.size(0), t = ids.size(1), d = tok.size(1);
-  TORCH_CHECK(start_pos >= 0 && start_pos + t <= pos.size(0), "tok_pos_embedding: start_pos ", start_pos,
-              " + ", t, " positions exceeds the position table's ", pos.size(0), " rows");
   const c10::cuda::CUDAGuard guard(ids.device());
   auto out = at::empty({b, t, d}, tok.options());
   if (b * t == 0) return out;
   const auto first_bad = no_bad_yet(ids);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int64_t* bad = first_bad.data_ptr<int64_t>();
-  dispatch(tok.scalar_type(), [&](auto ttag) {
+  dispatch_float(tok.scalar_type(), "embedding", [&](auto ttag) {
     using T = decltype(ttag);
     constexpr int kVec = 16 / sizeof(T);
     const T* pos_from = pos.data_ptr<T>() + start_pos * d;
@@ -514,7 +499,7 @@ at::Tensor embedding_bwd_cuda(const at::Tensor& dout, const at::Tensor& ids, int
   if (deterministic) {
     // Rows no id reaches stay zero; every other row is written exactly once, in dout's dtype.
     auto out = at::zeros({num_weights, d}, dout.options());
-    dispatch(dt, [&](auto tag) {
+    dispatch_float(dt, "embedding", [&](auto tag) {
       using T = decltype(tag);
       if (vec) run_deterministic<T, 4>(dout, ids, out, padding_idx, stream);
       else run_deterministic<T, 1>(dout, ids, out, padding_idx, stream);
@@ -523,7 +508,7 @@ at::Tensor embedding_bwd_cuda(const at::Tensor& dout, const at::Tensor& ids, int
   }
 
   auto acc = at::zeros({num_weights, d}, dout.options().dtype(at::kFloat));
-  dispatch(dt, [&](auto ttag) {
+  dispatch_float(dt, "embedding", [&](auto ttag) {
     using T = decltype(ttag);
     dispatch_index(ids.scalar_type(), [&](auto itag) {
       using I = decltype(itag);

@@ -22,10 +22,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "fastlm.h"
 
 namespace fastlm {
 namespace {
+
+using cuda::dispatch_float;
+using cuda::Pack;
 
 constexpr int kMaxBlock = 1024;
 // Row elements each thread holds as floats. Forward holds one float per element; backward four
@@ -33,11 +37,6 @@ constexpr int kMaxBlock = 1024;
 // thread; with these budgets ptxas -v reports no spills but 4 bytes in one float backward kernel.
 constexpr int kFwdElems = 16;
 constexpr int kBwdElems = 8;
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
@@ -558,17 +557,6 @@ const T* ptr_or_null(const OptTensor& t) {
   return present(t) ? t->data_ptr<T>() : nullptr;
 }
 
-// Calls f(T{}) with T the C++ type of dt; the caller has checked dt is one of these.
-template <typename F>
-void dispatch(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "norm (cuda): unsupported dtype ", dt);
-  }
-}
-
 // fastlm/ops/norm.py validates arguments; these checks turn a broken contract into an exception
 // rather than an illegal memory access.
 void check_input(const at::Tensor& x, const char* name) {
@@ -617,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
     return {y, h, mean, rstd};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(x.scalar_type(), [&](auto tag) {
+  dispatch_float(x.scalar_type(), "norm", [&](auto tag) {
     using T = decltype(tag);
     const FwdArgs<T> a{x.data_ptr<T>(), ptr_or_null<T>(residual), ptr_or_null<T>(weight),
                        ptr_or_null<T>(bias), y.data_ptr<T>(), has_res ? h.data_ptr<T>() : nullptr,
@@ -651,7 +639,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
                      : at::empty({0}, x.options());
   if (M == 0 || N == 0) return {dx, dw, db};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(x.scalar_type(), [&](auto tag) {
+  dispatch_float(x.scalar_type(), "norm", [&](auto tag) {
     using T = decltype(tag);
     const BwdArgs<T> a{dy.data_ptr<T>(), x.data_ptr<T>(), ptr_or_null<T>(weight),
                        rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(),
