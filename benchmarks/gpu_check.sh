@@ -25,7 +25,8 @@ $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || { echo "
 $PY -m fastlm.cli info
 
 step "tests on the GPU"
-timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests || status=1
+# No -x: a first run on a new machine should report every failure, not the first.
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests || status=1
 
 step "benchmarks"
 timeout 240 $PY -m fastlm.cli bench --device cuda --out "$RESULTS" || status=1
