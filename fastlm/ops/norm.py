@@ -147,9 +147,8 @@ def _run(op, x, residual, shape, weight, bias, eps, rms, backend):
     _checks.backend_dtype(op, backend, x)
     x2 = x.reshape(-1, n).contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
-    w = weight.reshape(n).contiguous() if weight is not None else None
-    b = bias.reshape(n).contiguous() if bias is not None else None
-    w, b = _cast(w, x), _cast(b, x)
+    w = _cast(weight, x).reshape(n).contiguous() if weight is not None else None
+    b = _cast(bias, x).reshape(n).contiguous() if bias is not None else None
     y, h, _, _ = torch.ops.fastlm.norm_fwd(x2, w, b, r2, float(eps), rms, backend)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else None)
 
