@@ -44,7 +44,60 @@ at::Tensor tok_pos_embedding_fwd_cpu(const at::Tensor& ids, const at::Tensor& to
 at::Tensor embedding_bwd_cpu(const at::Tensor& dout, const at::Tensor& ids, int64_t num_weights,
                              int64_t padding_idx, bool deterministic);
 
+// Attention, flash style: softmax(q k^T * scale + mask) v without a Tq x Tk intermediate.
+// q (B, Hq, Tq, D), k and v (B, Hk, Tk, D), Hq a multiple of Hk: query head h reads key/value head
+// h / (Hq / Hk) (grouped-query attention). mask, when given, is a float32 additive bias of shape
+// (B, Hq, Tq, Tk) whose strides are honoured (0 for a broadcast dim; stride(3) is 1 or 0), so a
+// key-padding mask (B, 1, 1, Tk) is passed expanded, never materialised. is_causal keeps key j
+// for query i only when j <= i (torch's top-left alignment). A query row with every key masked
+// gives zeros, and lse = -inf.
+// Returns (out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32, or float64 for float64
+// input): lse is the natural-log log-sum-exp of each scaled, masked score row.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+    bool is_causal, double scale);
+
+// Gradients of attention_fwd: (dq, dk, dv) with the shapes and dtypes of q, k, v (dk and dv summed
+// over the query heads that share a key/value head). out and lse are attention_fwd's outputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const OptTensor& mask, bool is_causal,
+    double scale);
+
+// Decoding against a KV cache. q (B, Hq, Tn, D) holds the Tn newest tokens of each sequence;
+// k_cache and v_cache (B, Hk, Tmax, D) hold seqlens[b] valid positions (the new tokens included,
+// already written) for sequence b. cache_seqlens (B) int32 or int64, Tn <= seqlens[b] <= Tmax.
+// Query i of sequence b sits at position seqlens[b] - Tn + i and attends keys 0..that position.
+// Returns out (B, Hq, Tn, D) in q's dtype. Forward only.
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                double scale);
+
+// Weight-only quantized linear: y = x dequant(W)^T + bias, accumulated in float32, never
+// materialising a float copy of W. x (M, K); y (M, N) in x's dtype. The layout (fastlm/quant.py
+// documents it in full): bits 8: qweight int8 (N, K), per output channel, group_size == K.
+// bits 4: qweight uint8 (N, K / 2), element k of row n in byte k / 2, low nibble for even k,
+// high nibble for odd k, unsigned 0..15. scales float32 (N, K / group_size); zeros float32 of the
+// same shape or absent. W[n, k] = (q - zero) * scale of k's group, where zero is 0 for int8 and
+// 8 for int4 without zeros. bias (N) in x's dtype or absent.
+at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const OptTensor& zeros, const OptTensor& bias, int64_t bits,
+                            int64_t group_size);
+
 #ifdef FASTLM_WITH_CUDA
+at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const OptTensor& zeros, const OptTensor& bias, int64_t bits,
+                             int64_t group_size);
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+    bool is_causal, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const OptTensor& mask, bool is_causal,
+    double scale);
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                 double scale);
 at::Tensor embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& weight);
 at::Tensor tok_pos_embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& tok,
                                       const at::Tensor& pos, int64_t start_pos);

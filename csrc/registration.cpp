@@ -14,6 +14,14 @@ TORCH_LIBRARY(fastlm_C, m) {
   m.def("tok_pos_embedding_fwd(Tensor ids, Tensor tok, Tensor pos, int start_pos) -> Tensor");
   m.def("embedding_bwd(Tensor dout, Tensor ids, int num_weights, int padding_idx, bool deterministic)"
         " -> Tensor");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale)"
+        " -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
+        " bool is_causal, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale)"
+        " -> Tensor");
+  m.def("quant_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits,"
+        " int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
@@ -22,6 +30,10 @@ TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("embedding_fwd", &fastlm::embedding_fwd_cpu);
   m.impl("tok_pos_embedding_fwd", &fastlm::tok_pos_embedding_fwd_cpu);
   m.impl("embedding_bwd", &fastlm::embedding_bwd_cpu);
+  m.impl("attention_fwd", &fastlm::attention_fwd_cpu);
+  m.impl("attention_bwd", &fastlm::attention_bwd_cpu);
+  m.impl("decode_attention", &fastlm::decode_attention_cpu);
+  m.impl("quant_matmul", &fastlm::quant_matmul_cpu);
 }
 
 #ifdef FASTLM_WITH_CUDA
@@ -31,5 +43,9 @@ TORCH_LIBRARY_IMPL(fastlm_C, CUDA, m) {
   m.impl("embedding_fwd", &fastlm::embedding_fwd_cuda);
   m.impl("tok_pos_embedding_fwd", &fastlm::tok_pos_embedding_fwd_cuda);
   m.impl("embedding_bwd", &fastlm::embedding_bwd_cuda);
+  m.impl("attention_fwd", &fastlm::attention_fwd_cuda);
+  m.impl("attention_bwd", &fastlm::attention_bwd_cuda);
+  m.impl("decode_attention", &fastlm::decode_attention_cuda);
+  m.impl("quant_matmul", &fastlm::quant_matmul_cuda);
 }
 #endif

@@ -17,6 +17,7 @@ SWAPS: dict[type, type] = {
     torch.nn.LayerNorm: nn.LayerNorm,
     torch.nn.RMSNorm: nn.RMSNorm,
     torch.nn.Embedding: nn.Embedding,
+    torch.nn.MultiheadAttention: nn.MultiheadAttention,
 }
 
 

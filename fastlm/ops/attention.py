@@ -1,0 +1,293 @@
+"""Scaled dot-product attention, flash style, and attention against a KV cache for decoding.
+
+    scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, backend=None)
+    decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=None)
+
+The first mirrors torch.nn.functional.scaled_dot_product_attention. On the fastlm backends the
+forward keeps only the log-sum-exp of each query row (O(T) extra memory), and the backward
+recomputes the attention probabilities block by block from it: no Tq x Tk tensor is ever held.
+A mask is turned into a float32 additive bias in its own (broadcast) shape and handed to the
+kernels as an expanded view, so a key-padding mask (B, 1, 1, Tk) costs B x Tk floats, not B x Tq x Tk.
+
+Calls that the fused kernels do not cover run on the torch path, which gives torch's own results:
+dropout_p > 0 (the kernels have no dropout RNG), a value head dim different from the query's, a
+mask that requires grad, inputs with other than 3 or 4 dims, and empty inputs.
+
+decode_attention is the step of autoregressive generation: the newest Tn tokens of each sequence
+attend to the first cache_seqlens[b] positions of a preallocated cache, causally aligned to the
+end. GPU backends split the cache across programs (flash-decoding). It has no backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backends
+from fastlm.ops import _checks
+
+# Head dims the GPU kernels are built for; the CPU kernel takes any.
+GPU_HEAD_DIMS = (16, 256)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from fastlm.kernels import attention as k
+
+        return k.attention_fwd, k.attention_bwd, k.decode_attention
+    C = torch.ops.fastlm_C
+    return C.attention_fwd, C.attention_bwd, C.decode_attention
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# --- custom ops ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) for q (B, Hq, Tq, D), k and v (B, Hk, Tk, D); see csrc/fastlm.h for the contract."""
+    return _kernels(backend)[0](q, k, v, mask, is_causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, is_causal, scale, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None,
+    is_causal: bool, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of attention_fwd."""
+    return _kernels(backend)[1](dout, q, k, v, out, lse, mask, is_causal, scale)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, mask, is_causal, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, is_causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.is_causal, ctx.scale, ctx.backend = is_causal, scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastlm.attention_bwd(
+        dout.contiguous(), q, k, v, out, lse, mask, ctx.is_causal, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastlm::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, backend: str
+) -> Tensor:
+    """out (B, Hq, Tn, D) of the Tn newest queries against the cache; see csrc/fastlm.h."""
+    return _kernels(backend)[2](q, k_cache, v_cache, cache_seqlens, scale)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, backend):
+    return torch.empty_like(q)
+
+
+# --- argument checks --------------------------------------------------------------------------
+
+
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
+    _checks.tensor(op, "query", q)
+    _checks.like(op, "key", k, q, "query")
+    _checks.like(op, "value", v, q, "query")
+    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(
+            f"{op}: query, key and value must have the same number of dims (at least 2), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: key's head dim {k.shape[-1]} differs from query's {q.shape[-1]}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"{op}: key {tuple(k.shape)} and value {tuple(v.shape)} must agree in all dims but the last"
+        )
+    if q.dim() >= 3:
+        hq, hk = q.shape[-3], k.shape[-3]
+        if hq != hk and not enable_gqa:
+            raise ValueError(
+                f"{op}: query has {hq} heads and key/value {hk}; pass enable_gqa=True for grouped-query attention"
+            )
+        if hk == 0 or hq % hk:
+            raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+        if q.shape[:-3] != k.shape[:-3]:
+            raise ValueError(
+                f"{op}: query {tuple(q.shape)} and key {tuple(k.shape)} must have the same batch dims"
+            )
+
+
+def _check_mask(op: str, mask, q: Tensor, k: Tensor) -> None:
+    """The mask must broadcast to the full (..., Hq, Tq, Tk) score shape."""
+    full = (*q.shape[:-1], k.shape[-2])
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{op}: attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{op}: attn_mask must be boolean or floating point, got dtype {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"{op}: attn_mask is on {mask.device} but query is on {q.device}")
+    try:
+        if torch.broadcast_shapes(mask.shape, full) != full:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: attn_mask of shape {tuple(mask.shape)} does not broadcast to (..., Hq, Tq, Tk) = {full}"
+        ) from None
+
+
+def _additive(mask: Tensor, full4: tuple[int, int, int, int]) -> Tensor:
+    """The mask as a float32 additive bias, expanded (not copied) to full4 = (B, Hq, Tq, Tk)."""
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        bias.masked_fill_(~mask, float("-inf"))
+    else:
+        bias = mask.to(torch.float32)
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    if bias.shape[-1] > 1 and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    return bias.expand(full4)
+
+
+def _gpu_head_dim_ok(backend: str, d: int) -> bool:
+    return backend not in ("cuda", "triton") or GPU_HEAD_DIMS[0] <= d <= GPU_HEAD_DIMS[1]
+
+
+def _head_dim_error(op: str, backend: str, d: int) -> str:
+    return f"{op}: backend {backend!r} supports head dims {GPU_HEAD_DIMS[0]}..{GPU_HEAD_DIMS[1]}, got {d}"
+
+
+# --- the public functions ---------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+    backend: str | None = None,
+) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, on the chosen backend."""
+    op = "scaled_dot_product_attention"
+    _check_qkv(op, query, key, value, enable_gqa)
+    if attn_mask is not None:
+        _check_mask(op, attn_mask, query, key)
+        if is_causal:
+            raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (as torch requires)")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
+    chosen = backends.choose(op, query.device, backend)
+    explicit = backend is not None or backends.requested_backend() is not None
+
+    d = query.shape[-1]
+    fused = (
+        chosen != "torch"
+        and dropout_p == 0.0
+        and value.shape[-1] == d
+        and query.dim() in (3, 4)
+        and query.numel() > 0 and key.numel() > 0
+        and not (attn_mask is not None and attn_mask.requires_grad)
+    )
+    if fused and not _gpu_head_dim_ok(chosen, d):
+        if explicit:
+            raise ValueError(_head_dim_error(op, chosen, d))
+        fused = False
+    if not fused:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    _checks.backend_dtype(op, chosen, query)
+
+    three = query.dim() == 3
+    q, k, v = (t.unsqueeze(0) if three else t for t in (query, key, value))
+    mask = None
+    if attn_mask is not None:
+        mask = _additive(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out, _ = torch.ops.fastlm.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask, is_causal, s, chosen)
+    return out.squeeze(0) if three else out
+
+
+def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale):
+    b, _, tn, _ = q.shape
+    tmax = k_cache.shape[2]
+    # Query i of sequence b sits at position seqlens[b] - Tn + i and sees keys up to it.
+    pos = cache_seqlens.view(b, 1, 1).to(torch.long) - tn + torch.arange(tn, device=q.device).view(1, tn, 1)
+    mask = torch.arange(tmax, device=q.device).view(1, 1, tmax) <= pos
+    return F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
+    )
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention of the Tn newest tokens of each sequence against its KV cache.
+
+    q (B, Hq, Tn, D); k_cache and v_cache (B, Hk, Tmax, D) with Hq a multiple of Hk, already holding
+    cache_seqlens[b] valid positions of sequence b (the new tokens included); cache_seqlens (B)
+    int32 or int64 with Tn <= cache_seqlens[b] <= Tmax. Query i of sequence b attends to cache
+    positions 0 .. cache_seqlens[b] - Tn + i. Returns (B, Hq, Tn, D). Forward only.
+    """
+    op = "decode_attention"
+    _checks.tensor(op, "q", q)
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be 4-D (B, Hq, Tn, D), got shape {tuple(q.shape)}")
+    _checks.like(op, "k_cache", k_cache, q, "q")
+    _checks.like(op, "v_cache", v_cache, q, "q", shape=k_cache.shape)
+    b, hq, tn, d = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[0] != b or k_cache.shape[3] != d:
+        raise ValueError(
+            f"{op}: k_cache must be (B, Hk, Tmax, D) = ({b}, Hk, Tmax, {d}), got shape {tuple(k_cache.shape)}"
+        )
+    hk, tmax = k_cache.shape[1], k_cache.shape[2]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"{op}: q's heads ({hq}) must be a multiple of the cache's heads ({hk})")
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cache_seqlens must be an int32 or int64 tensor")
+    if cache_seqlens.shape != (b,) or cache_seqlens.device != q.device:
+        raise ValueError(
+            f"{op}: cache_seqlens must have shape ({b},) on {q.device}, got {tuple(cache_seqlens.shape)} "
+            f"on {cache_seqlens.device}"
+        )
+    if b and not torch.compiler.is_compiling():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < tn or hi > tmax:
+            raise ValueError(
+                f"{op}: cache_seqlens must lie in [Tn, Tmax] = [{tn}, {tmax}], got values in [{lo}, {hi}]"
+            )
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    chosen = backends.choose(op, q.device, backend)
+    explicit = backend is not None or backends.requested_backend() is not None
+    if chosen != "torch" and not _gpu_head_dim_ok(chosen, d):
+        if explicit:
+            raise ValueError(_head_dim_error(op, chosen, d))
+        chosen = "torch"
+    if chosen == "torch" or q.numel() == 0:
+        return _decode_reference(q, k_cache, v_cache, cache_seqlens, s)
+    _checks.backend_dtype(op, chosen, q)
+    return torch.ops.fastlm.decode_attention(
+        q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_seqlens.contiguous(), s, chosen
+    )

@@ -1,0 +1,292 @@
+"""scaled_dot_product_attention and decode_attention on every backend, against a float64 reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import ops
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOW = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]  # bf16 is broken in the interpreter
+
+
+def reference(q, k, v, bias=None, is_causal=False, scale=None):
+    """Float64 attention; bias is additive (may hold -inf); fully masked rows give zeros."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if is_causal:
+        tq, tk = s.shape[-2:]
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if bias is not None:
+        s = s + bias.double()
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    return (e / torch.where(den == 0, torch.ones_like(den), den)) @ v
+
+
+def as_bias(mask):
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def rel_err(got, ref):
+    # Inputs are of unit scale, so errors are measured against at least 1: an exactly-zero truth
+    # (dq when each query sees a single key) would otherwise turn rounding noise into huge ratios.
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def check(got, ref, torch_got, dtype, what):
+    """The kernel's error may be at most about twice torch's own error in the same dtype."""
+    err, base = rel_err(got, ref), rel_err(torch_got, ref)
+    assert err <= max(2 * base, FLOOR[dtype]), f"{what}: error {err:.2e}, torch's {base:.2e}"
+
+
+def make(b, hq, hk, tq, tk, d, dtype, device):
+    def t(h, n):
+        return torch.randn(b, h, n, d, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+
+    return t(hq, tq), t(hk, tk), t(hk, tk)
+
+
+def run_and_compare(q, k, v, mask, is_causal, backend, dtype, scale=None):
+    gqa = q.shape[-3] != k.shape[-3]
+    dout = torch.randn_like(q)
+    out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                           enable_gqa=gqa, backend=backend)
+    got = (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    qc, kc, vc = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref_out = reference(qc, kc, vc, as_bias(None if mask is None else mask.cpu()), is_causal, scale)
+    ref = (ref_out, *torch.autograd.grad(ref_out, (qc, kc, vc), dout.cpu().double()))
+
+    tout = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    theirs = (tout, *torch.autograd.grad(tout, (q, k, v), dout))
+    for name, g, r, th in zip(("out", "dq", "dk", "dv"), got, ref, theirs):
+        assert g.shape == r.shape and g.dtype == q.dtype, name
+        check(g.cpu(), r, th.cpu(), dtype, name)
+
+
+SIZES = [(1, 16), (17, 32), (100, 64), (129, 80), (256, 128)]
+if INTERPRET:
+    SIZES = [(1, 16), (17, 32), (100, 64), (129, 80)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("t,d", SIZES)
+def test_matches_reference(backend, device, t, d, causal):
+    q, k, v = make(2, 2, 2, t, t, d, torch.float32, device)
+    run_and_compare(q, k, v, None, causal, backend, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", LOW + ([] if INTERPRET else [torch.float64]))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dtypes(backend, device, dtype, causal):
+    if dtype == torch.float64 and backend != "cpu" and backend != "torch":
+        pytest.skip("float64 runs on the CPU backend")
+    q, k, v = make(1, 2, 2, 77, 77, 64, dtype, device)
+    run_and_compare(q, k, v, None, causal, backend, dtype)
+
+
+@pytest.mark.parametrize("tq,tk", [(5, 37), (37, 5), (1, 64), (64, 1)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_unequal_lengths(backend, device, tq, tk, causal):
+    q, k, v = make(1, 2, 2, tq, tk, 32, torch.float32, device)
+    run_and_compare(q, k, v, None, causal, backend, torch.float32)
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 2), (4, 1), (6, 3)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_grouped_query(backend, device, hq, hk, causal):
+    q, k, v = make(2, hq, hk, 33, 33, 32, torch.float32, device)
+    run_and_compare(q, k, v, None, causal, backend, torch.float32)
+
+
+def _masks(b, h, tq, tk, device):
+    """Masks of every broadcast shape, each with at least one fully masked query row."""
+    g = torch.Generator().manual_seed(1)
+    pad = torch.ones(b, tk, dtype=torch.bool)
+    pad[0, tk // 2:] = False
+    pad[-1, :] = False  # the whole last sequence is padding: every row masked
+    full_bool = torch.rand(b, h, tq, tk, generator=g) > 0.3
+    full_bool[0, 0, 0] = False
+    additive = torch.randn(1, 1, tq, tk, generator=g)
+    additive[0, 0, 1] = float("-inf")
+    return {
+        "key_padding": pad.view(b, 1, 1, tk).to(device),
+        "full_bool": full_bool.to(device),
+        "shared_additive": additive.to(device),
+        "per_head_2d": (torch.rand(h, 1, tk, generator=g) > 0.5).to(device),
+    }
+
+
+@pytest.mark.parametrize("kind", ["key_padding", "full_bool", "shared_additive", "per_head_2d"])
+def test_masks(backend, device, kind):
+    b, h, tq, tk = 3, 2, 19, 45
+    q, k, v = make(b, h, h, tq, tk, 32, torch.float32, device)
+    mask = _masks(b, h, tq, tk, device)[kind]
+    run_and_compare(q, k, v, mask, False, backend, torch.float32)
+
+
+def test_mask_with_grouped_query_and_scale(backend, device):
+    q, k, v = make(2, 4, 2, 40, 40, 16, torch.float32, device)
+    mask = _masks(2, 4, 40, 40, device)["key_padding"]
+    run_and_compare(q, k, v, mask, False, backend, torch.float32, scale=0.3)
+
+
+def test_three_dim_input(backend, device):
+    q = torch.randn(3, 20, 32, device=device, requires_grad=True)
+    k = torch.randn(3, 24, 32, device=device, requires_grad=True)
+    v = torch.randn(3, 24, 32, device=device, requires_grad=True)
+    got = ops.scaled_dot_product_attention(q, k, v, backend=backend)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_runs_torch_path(backend, device):
+    q, k, v = make(1, 2, 2, 16, 16, 16, torch.float32, device)
+    torch.manual_seed(3)
+    got = ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend)
+    torch.manual_seed(3)
+    want = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles with inductor, not the interpreter")
+def test_compile_fullgraph(backend, device):
+    q, k, v = make(2, 4, 2, 24, 24, 32, torch.float32, device)
+    mask = _masks(2, 4, 24, 24, device)["key_padding"]
+
+    def f(q, k, v):
+        a = ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend=backend)
+        b = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend=backend)
+        return a + b
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(q, k, v)
+    want = f(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gq = torch.autograd.grad(got.sum(), q)[0]
+    wq = torch.autograd.grad(want.sum(), q)[0]
+    torch.testing.assert_close(gq, wq, rtol=1e-5, atol=1e-5)
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hq,hk,tn", [(2, 2, 1), (4, 2, 1), (4, 1, 3)])
+def test_decode_matches_full_attention(backend, device, hq, hk, tn):
+    b, tmax, d = 3, 70 if not INTERPRET else 40, 32
+    seqlens = torch.tensor([tmax, 5, 23][:b], dtype=torch.int32)
+    seqlens = seqlens.clamp(min=tn)
+    k_cache = torch.randn(b, hk, tmax, d, device=device)
+    v_cache = torch.randn(b, hk, tmax, d, device=device)
+    q = torch.randn(b, hq, tn, d, device=device)
+    got = ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
+    assert got.shape == q.shape
+    for i in range(b):
+        n = int(seqlens[i])
+        # The Tn new tokens are the last Tn of a prefix of n: full causal attention over it,
+        # expressed with keys 0..n-1 and queries at positions n-Tn..n-1.
+        pos = torch.arange(n - tn, n).view(tn, 1)
+        bias = torch.where(torch.arange(n).view(1, n) <= pos, 0.0, float("-inf")).double()
+        want = reference(q[i:i + 1].cpu(), k_cache[i:i + 1, :, :n].cpu(), v_cache[i:i + 1, :, :n].cpu(), bias)
+        assert rel_err(got[i:i + 1].cpu(), want) < 2e-5, f"sequence {i}"
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_decode_low_precision(backend, device, dtype):
+    b, hq, hk, tmax, d = 2, 4, 2, 50, 64
+    seqlens = torch.tensor([50, 17], dtype=torch.int64, device=device)
+    k_cache = torch.randn(b, hk, tmax, d, device=device).to(dtype)
+    v_cache = torch.randn(b, hk, tmax, d, device=device).to(dtype)
+    q = torch.randn(b, hq, 1, d, device=device).to(dtype)
+    got = ops.decode_attention(q, k_cache, v_cache, seqlens, backend=backend)
+    theirs = ops.decode_attention(q, k_cache, v_cache, seqlens, backend="torch")
+    exact = ops.decode_attention(q.double(), k_cache.double(), v_cache.double(), seqlens, backend="torch")
+    check(got.cpu(), exact.cpu(), theirs.cpu(), dtype, "decode")
+
+
+def test_decode_bad_input(backend, device):
+    q = torch.randn(2, 4, 1, 16, device=device)
+    kc = torch.randn(2, 2, 8, 16, device=device)
+    lens = torch.tensor([8, 3], device=device)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        ops.decode_attention(q, kc, kc, torch.tensor([9, 3], device=device), backend=backend)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        ops.decode_attention(q, kc, kc, torch.tensor([8, 0], device=device), backend=backend)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        ops.decode_attention(q, kc, kc, lens.float(), backend=backend)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.decode_attention(torch.randn(2, 3, 1, 16, device=device), kc, kc, lens, backend=backend)
+    with pytest.raises(ValueError, match="k_cache"):
+        ops.decode_attention(q, kc[..., :8], kc[..., :8], lens, backend=backend)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_input(backend, device):
+    q = torch.randn(2, 4, 8, 16, device=device)
+    k = torch.randn(2, 4, 8, 16, device=device)
+    sdpa = ops.scaled_dot_product_attention
+    with pytest.raises(ValueError, match="enable_gqa"):
+        sdpa(q, k[:, :2], k[:, :2], backend=backend)
+    with pytest.raises(ValueError, match="multiple"):
+        sdpa(q, k[:, :3], k[:, :3], enable_gqa=True, backend=backend)
+    with pytest.raises(ValueError, match="head dim"):
+        sdpa(q, k[..., :8], k[..., :8], backend=backend)
+    with pytest.raises(ValueError, match="attn_mask"):
+        sdpa(q, k, k, attn_mask=torch.ones(2, 4, 8, 7, dtype=torch.bool, device=device), backend=backend)
+    with pytest.raises(TypeError, match="attn_mask"):
+        sdpa(q, k, k, attn_mask=torch.ones(8, 8, dtype=torch.int64, device=device), backend=backend)
+    with pytest.raises(ValueError, match="is_causal"):
+        sdpa(q, k, k, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=device), is_causal=True, backend=backend)
+    with pytest.raises(TypeError, match="dtype"):
+        sdpa(q, k.double(), k, backend=backend)
+    with pytest.raises(TypeError, match="query"):
+        sdpa(q.long(), k, k, backend=backend)
+    with pytest.raises(ValueError, match="meta"):
+        sdpa(q, k.to("meta"), k, backend=backend)
+    with pytest.raises(ValueError, match="batch"):
+        sdpa(q, k[:1], k[:1], backend=backend)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_extra_memory_is_linear_in_length(backend, device):
+    """At T = 8192 a T x T float32 score matrix is 256 MiB; the fused path must stay far below."""
+    if device != "cpu" or backend != "cpu":
+        pytest.skip("measured for the CPU backend in a fresh process")
+    script = textwrap.dedent("""
+        import torch, fastlm
+        from fastlm.bench.harness import host_peak_growth
+        def qkv(t):
+            return [torch.randn(1, 1, t, 32, requires_grad=True) for _ in range(3)]
+        def run(q, k, v):
+            fastlm.ops.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu").sum().backward()
+        run(*qkv(256))  # start the thread pool and its scratch on a small case
+        q, k, v = qkv(8192)
+        print(host_peak_growth(lambda: run(q, k, v)))
+    """)
+    grown = int(subprocess.check_output([sys.executable, "-c", script], text=True).split()[-1])
+    # Inputs' gradients and the output are 4 x 1 MiB; one T x T float32 matrix would be 256 MiB.
+    assert grown < 32 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
