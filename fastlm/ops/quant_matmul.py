@@ -1,0 +1,125 @@
+"""Weight-only quantized linear: F.linear with an int8 or int4 weight.
+
+    quant_linear(input, weight: QuantizedWeight, bias=None, *, backend=None)
+
+`weight` is a fastlm.quant.QuantizedWeight (the format is documented in fastlm/quant.py);
+input (..., K) may have any leading dims, and the result is (..., N) in input's dtype. bias, when
+given, is cast to input's dtype. The kernels never make a float copy of the weight: they read
+the packed bytes and multiply in float32.
+
+Every backend but "torch" runs through the custom op torch.ops.fastlm.quant_matmul over the input
+flattened to (M, K). The "torch" backend is the reference: dequantize, then F.linear.
+
+Backward gives the input gradient dx = dy dequant(W), computed in torch by dequantizing the
+weight (in dy's dtype) and a dense matmul, and the bias gradient when the bias needs one. The
+packed weight is a constant: it gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backends, quant
+from fastlm.ops import _checks
+from fastlm.quant import QuantizedWeight
+
+# The input dtypes each backend computes with.
+DTYPES = {
+    "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+}
+
+
+def _kernel(backend: str):
+    if backend == "triton":
+        from fastlm.kernels import quant_matmul as k
+
+        return k.quant_matmul
+    # cpu and cuda share one op in fastlm._C; the dispatcher picks the kernel by device.
+    return torch.ops.fastlm_C.quant_matmul
+
+
+def _dequant(qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,
+             dtype: torch.dtype) -> Tensor:
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    qw = QuantizedWeight(qweight, scales, zeros, bits, group_size, (qweight.shape[0], k))
+    return quant.dequantize(qw, dtype)
+
+
+@torch.library.custom_op("fastlm::quant_matmul", mutates_args=())
+def quant_matmul(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
+    bits: int, group_size: int, backend: str,
+) -> Tensor:
+    """x (M, K) dequant(W)^T + bias: (M, N) in x's dtype; see csrc/fastlm.h for the contract."""
+    return _kernel(backend)(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+@quant_matmul.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size, backend):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, bits, group_size, _backend = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.bits, ctx.group_size = bits, group_size
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    qweight, scales, zeros = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = dy @ _dequant(qweight, scales, zeros, ctx.bits, ctx.group_size, dy.dtype)
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return dx, None, None, None, db, None, None, None
+
+
+quant_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+# --- the public function ----------------------------------------------------------------------
+
+
+def _check(op: str, input, weight, bias) -> None:
+    _checks.tensor(op, "input", input)
+    quant.check_format(op, weight)
+    n, k = weight.shape
+    if input.dim() == 0 or input.shape[-1] != k:
+        raise ValueError(f"{op}: input's last dim must be in_features = {k}, got input of shape {tuple(input.shape)}")
+    if weight.device != input.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but input is on {input.device}")
+    if bias is not None:
+        _checks.like(op, "bias", bias, input, "input", shape=(n,), same_dtype=False)
+
+
+def _check_dtype(op: str, backend: str, input: Tensor) -> None:
+    allowed = DTYPES[backend]
+    if input.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{op}: backend {backend!r} supports input dtypes {names}; input has dtype {input.dtype}")
+
+
+def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = None, *,
+                 backend: str | None = None) -> Tensor:
+    """torch.nn.functional.linear with a quantized weight, on the chosen backend."""
+    op = "quant_linear"
+    _check(op, input, weight, bias)
+    backend = backends.choose(op, input.device, backend)
+    _check_dtype(op, backend, input)
+    if bias is not None and bias.dtype != input.dtype:
+        bias = bias.to(input.dtype)
+    n, k = weight.shape
+    if backend == "torch" or input.numel() == 0:
+        return F.linear(input, quant.dequantize(weight, input.dtype), bias)
+    x2 = input.reshape(-1, k).contiguous()
+    y = torch.ops.fastlm.quant_matmul(
+        x2, weight.qweight.contiguous(), weight.scales.contiguous(),
+        None if weight.zeros is None else weight.zeros.contiguous(),
+        None if bias is None else bias.contiguous(), weight.bits, weight.group_size, backend,
+    )
+    return y.view(*input.shape[:-1], n)

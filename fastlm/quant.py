@@ -1,0 +1,225 @@
+"""Weight-only quantization: the packed format, quantize / dequantize, and quantize_(model).
+
+    qw = fastlm.quant.quantize(linear.weight, bits=4, group_size=128)
+    y = fastlm.ops.quant_linear(x, qw, linear.bias)
+    fastlm.quantize_(model, bits=4)          # every nn.Linear becomes a fastlm.nn.QuantLinear
+
+The format (every backend reads exactly this; csrc/fastlm.h states the same contract)
+--------------------------------------------------------------------------------------
+A float weight W of shape (N, K) (out_features, in_features, as in nn.Linear) is stored as
+
+    qweight   the quantized values, row n holding output channel n
+    scales    float32 (N, K // group_size): one scale per group of group_size consecutive k
+    zeros     float32 (N, K // group_size) zero points, or None (symmetric: implicit zero)
+    W[n, k] = (q[n, k] - zero[n, k // group_size]) * scales[n, k // group_size]
+
+int8 (bits=8): symmetric, per output channel, so group_size == K and scales is (N, 1).
+    qweight is int8 (N, K) with q = round(W / s) in [-127, 127], s = absmax(W[n, :]) / 127;
+    the zero is 0 and zeros is None.
+
+int4 (bits=4): in groups of group_size consecutive k (32, 64 or 128; K must be divisible by
+    group_size). Values are unsigned, 0..15, two to a byte:
+        qweight  uint8 (N, K // 2); element k of row n is in byte k // 2,
+                 in the LOW nibble for even k and the HIGH nibble for odd k:
+                 qweight[n, j] = q[n, 2j] | (q[n, 2j + 1] << 4)
+    symmetric (zeros None): s = absmax(group) / 7, q = clamp(round(W / s), -8, 7) + 8,
+        i.e. an implicit zero of 8.
+    asymmetric: over a group's range [lo, hi] widened to contain 0, s = (hi - lo) / 15 and the
+        zero z = round(-lo / s) in 0..15 (an integer, stored as float32 so that 0 stays exact);
+        q = clamp(round(W / s) + z, 0, 15).
+
+Either way every weight is within half a scale of its dequantized value: |W - dequant| <= s / 2
+(up to float rounding). A group whose weights are all zero gets scale 1, so dequantizes to
+exact zeros.
+
+The ops and modules import this module for the format; `quantize_`, which builds modules,
+imports fastlm.nn only when called, so that the layers below never import the one above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["QuantizedWeight", "quantize", "dequantize", "quantize_", "check_format"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The int4 group sizes every backend runs (the CPU kernel would take any divisor of K).
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """A quantized (N, K) weight in the format above."""
+
+    qweight: Tensor
+    scales: Tensor
+    zeros: Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]   # (N, K) = (out_features, in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def to(self, device) -> QuantizedWeight:
+        move = (lambda t: None if t is None else t.to(device))
+        return dataclasses.replace(self, qweight=move(self.qweight), scales=move(self.scales), zeros=move(self.zeros))
+
+    def nbytes(self) -> int:
+        """Bytes a matmul reads for this weight: values, scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
+
+
+def check_params(op: str, bits, group_size, k: int | None = None) -> int:
+    """Validate bits and group_size (for in_features k when given); returns the group size,
+    which for int8 is always k (per output channel)."""
+    if bits not in (4, 8):
+        raise ValueError(f"{op}: bits must be 4 or 8, got {bits!r}")
+    if bits == 8:
+        return k if k is not None else group_size
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"{op}: int4 group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if k is not None:
+        if k % 2:
+            raise ValueError(f"{op}: int4 packs two values per byte, so in_features must be even, got {k}")
+        if k % group_size:
+            raise ValueError(f"{op}: group_size {group_size} must divide in_features {k}")
+    return group_size
+
+
+def check_format(op: str, qw) -> None:
+    """Raise if qw is not a consistent QuantizedWeight (dtypes, shapes, devices)."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"{op}: weight must be a fastlm.quant.QuantizedWeight, got {type(qw).__name__}")
+    n, k = qw.shape
+    g = check_params(op, qw.bits, qw.group_size, k)
+    if qw.bits == 8 and qw.group_size != k:
+        raise ValueError(f"{op}: int8 weights are per output channel: group_size must be {k}, got {qw.group_size}")
+    want_q = (torch.int8, (n, k)) if qw.bits == 8 else (torch.uint8, (n, k // 2))
+    if qw.qweight.dtype != want_q[0] or tuple(qw.qweight.shape) != want_q[1]:
+        raise ValueError(f"{op}: qweight must be {want_q[0]} of shape {want_q[1]}, "
+                         f"got {qw.qweight.dtype} of shape {tuple(qw.qweight.shape)}")
+    for name, t in (("scales", qw.scales), ("zeros", qw.zeros)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or tuple(t.shape) != (n, k // g):
+            raise ValueError(f"{op}: {name} must be float32 of shape {(n, k // g)}, "
+                             f"got {t.dtype} of shape {tuple(t.shape)}")
+        if t.device != qw.qweight.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but qweight is on {qw.qweight.device}")
+    if qw.bits == 8 and qw.zeros is not None:
+        raise ValueError(f"{op}: int8 weights are symmetric: zeros must be None")
+
+
+def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
+    """Quantize a float (N, K) weight. For bits=8, group_size is ignored (per output channel)
+    and only symmetric quantization exists."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"quantize: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in _FLOAT:
+        raise TypeError(f"quantize: weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if k == 0:
+        raise ValueError("quantize: weight has no columns (in_features is 0)")
+    group_size = check_params("quantize", bits, group_size, k)
+    if bits == 8 and not symmetric:
+        raise ValueError("quantize: int8 is symmetric per output channel; asymmetric quantization needs bits=4")
+    w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)
+    if symmetric:
+        qmin, qmax = (-127, 127) if bits == 8 else (-8, 7)
+        s = w.abs().amax(-1, keepdim=True) / qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.clamp(torch.round(w / s), qmin, qmax)
+        if bits == 8:
+            return QuantizedWeight(q.reshape(n, k).to(torch.int8).contiguous(), s.reshape(n, 1).contiguous(),
+                                   None, 8, k, (n, k))
+        q = q + 8
+        z = None
+    else:
+        lo = w.amin(-1, keepdim=True).clamp(max=0)
+        hi = w.amax(-1, keepdim=True).clamp(min=0)
+        s = (hi - lo) / 15
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        z = torch.clamp(torch.round(-lo / s), 0, 15)
+        q = torch.clamp(torch.round(w / s) + z, 0, 15)
+    q = q.reshape(n, k).to(torch.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return QuantizedWeight(packed, s.reshape(n, -1).contiguous(),
+                           None if z is None else z.reshape(n, -1).contiguous(), 4, group_size, (n, k))
+
+
+def unpack(qw: QuantizedWeight) -> Tensor:
+    """The stored values q as int16 (N, K): int8 as is, int4 unsigned 0..15."""
+    if qw.bits == 8:
+        return qw.qweight.to(torch.int16)
+    p = qw.qweight.to(torch.int16)
+    return torch.stack((p & 15, p >> 4), dim=-1).reshape(qw.shape)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The float (N, K) weight the quantized one stands for, computed in float32 (float64 when
+    asked for), then cast to dtype."""
+    check_format("dequantize", qw)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    n, k = qw.shape
+    g = qw.group_size
+    q = unpack(qw).to(work).reshape(n, k // g, g)
+    if qw.zeros is not None:
+        z = qw.zeros.to(work).unsqueeze(-1)
+    else:
+        z = 8.0 if qw.bits == 4 else 0.0
+    w = (q - z) * qw.scales.to(work).unsqueeze(-1)
+    return w.reshape(n, k).to(dtype)
+
+
+def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+              skip: Callable[[str, torch.nn.Module], bool] | None = None, *,
+              quantize_tied: bool = False) -> torch.nn.Module:
+    """Replace every torch.nn.Linear of model, in place, by a fastlm.nn.QuantLinear holding its
+    quantized weight (and its bias, still a float Parameter). Returns the model.
+
+    skip(name, module) -> True leaves that layer alone. A Linear whose weight is the very
+    Parameter of an nn.Embedding (a tied LM head) is left unquantized unless quantize_tied:
+    quantizing it would untie the pair and keep a float copy for the embedding anyway.
+    A layer whose in_features does not fit the format raises ValueError naming it (use skip).
+    """
+    from fastlm.nn.linear import QuantLinear
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"quantize_: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_params("quantize_", bits, group_size)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    targets = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or (skip is not None and skip(name, mod)):
+            continue
+        if id(mod.weight) in tied and not quantize_tied:
+            continue
+        try:
+            check_params("quantize_", bits, group_size, mod.in_features)
+        except ValueError as e:
+            raise ValueError(f"quantize_: layer {name!r} ({mod.in_features} -> {mod.out_features}) cannot be "
+                             f"quantized: {e}; leave it out with skip=") from None
+        targets.append((name, mod))
+    for name, mod in targets:
+        new = QuantLinear.from_linear(mod, bits=bits, group_size=group_size, symmetric=symmetric)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
+
+
+def ideal_speedup(n: int, k: int, bits: int, group_size: int, symmetric: bool = True,
+                  dense_bytes_per_value: int = 4) -> float:
+    """Dense weight bytes over quantized weight bytes: the most a memory-bound matmul can gain."""
+    groups = k // (k if bits == 8 else group_size)
+    q = n * k * bits / 8 + n * groups * 4 * (1 if symmetric else 2)
+    return n * k * dense_bytes_per_value / q if q else math.inf
