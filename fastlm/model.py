@@ -1,0 +1,288 @@
+"""A decoder-only Transformer (GPT-2 style) built from fastlm's modules and ops.
+
+    cfg = TransformerConfig.preset("tiny", vocab_size=2048)
+    model = Transformer(cfg)
+    logits, loss = model(ids, targets)                      # ids, targets (B, T) int64
+    out = model.generate(prompt_ids, 100, temperature=0.8, top_k=50, seed=0)
+
+Token embedding plus a learned position embedding (or rotary positions inside attention),
+pre-norm blocks (LayerNorm or RMSNorm) of causal self-attention and a GELU MLP, a final norm,
+and an output projection tied to the token embedding. Every norm of a block is fused with the
+residual add before it (fastlm.ops.add_layer_norm / add_rms_norm), so the residual stream is read
+once per norm instead of twice.
+
+`config.backend` (or `forward(..., backend=)`) runs the same weights through the torch reference
+path ("torch") or a fastlm backend ("cpu", "cuda", "triton"; None = the best available).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlm import backends, ops
+from fastlm.nn import Embedding, LayerNorm, RMSNorm
+from fastlm.nn.self_attention import CausalSelfAttention, KVCache
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024          # the longest sequence the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None    # fewer key/value heads than query heads: grouped-query attention
+    d_model: int = 768
+    mlp_ratio: int = 4
+    norm: str = "layernorm"         # or "rmsnorm"
+    pos: str = "learned"            # or "rope"
+    rope_theta: float = 10000.0
+    bias: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    backend: str | None = None      # None: the best fastlm backend for the device
+
+    PRESETS = {
+        # ~1 M parameters at vocab 2048: trains on a 2-core CPU in minutes.
+        "tiny": dict(vocab_size=2048, block_size=128, n_layer=4, n_head=4, d_model=128),
+        # ~23 M parameters at vocab 8192.
+        "small": dict(vocab_size=8192, block_size=512, n_layer=6, n_head=8, d_model=512),
+        # GPT-2 small, 124 M parameters.
+        "gpt2": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, d_model=768),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TransformerConfig:
+        if name not in cls.PRESETS:
+            raise ValueError(f"TransformerConfig.preset: unknown preset {name!r}; choose one of "
+                             f"{', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"TransformerConfig: norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.pos not in ("learned", "rope"):
+            raise ValueError(f"TransformerConfig: pos must be 'learned' or 'rope', got {self.pos!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"TransformerConfig: d_model {self.d_model} must be divisible by n_head {self.n_head}")
+        kv = self.n_head if self.n_kv_head is None else self.n_kv_head
+        if kv <= 0 or self.n_head % kv:
+            raise ValueError(f"TransformerConfig: n_head {self.n_head} must be a multiple of n_kv_head {kv}")
+        if self.backend is not None and self.backend not in backends.BACKENDS:
+            raise ValueError(f"TransformerConfig: unknown backend {self.backend!r}; choose one of "
+                             f"{', '.join(backends.BACKENDS)} or None")
+        for name in ("vocab_size", "block_size", "n_layer", "d_model", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TransformerConfig: {name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"TransformerConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+def _norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    """Holds one layer's modules. The Transformer runs them itself, because each norm is fused with
+    the residual add that precedes it, and that add belongs to the previous sub-layer:
+
+        y = norm1(h);  h = h + attn(y);  y = norm2(h);  h = h + mlp(y);  y = next_norm(h)
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = CausalSelfAttention(
+            cfg.d_model, cfg.n_head, cfg.n_kv_head, bias=cfg.bias, dropout=cfg.dropout,
+            rotary=cfg.pos == "rope", max_seq_len=cfg.block_size, rope_theta=cfg.rope_theta)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+
+def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(norm, LayerNorm):
+        return ops.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return ops.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """(norm(x + residual), x + residual). Under autocast x may be bf16 while the residual stream
+    stays float32; the sum is taken in the residual's precision."""
+    x = x.to(residual.dtype)
+    if isinstance(norm, LayerNorm):
+        return ops.add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return ops.add_rms_norm(x, residual, norm.normalized_shape, norm.weight, norm.eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = Embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = _norm(cfg)
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch ends in a projection whose init shrinks with depth, so the
+        # residual stream's variance does not grow with the number of layers.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def _backend_scope(self, backend: str | None):
+        backend = backend if backend is not None else self.config.backend
+        return backends.use_backend(backend) if backend is not None else contextlib.nullcontext()
+
+    def hidden(self, ids: Tensor, caches: list[KVCache] | None = None, *, backend: str | None = None) -> Tensor:
+        """The final normed hidden states (B, T, d_model) for ids (B, T)."""
+        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"Transformer: ids must be a (B, T) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+        start = 0 if caches is None else caches[0].longest
+        if start + ids.shape[1] > self.config.block_size:
+            raise ValueError(f"Transformer: {start + ids.shape[1]} positions exceed block_size "
+                             f"{self.config.block_size}")
+        with self._backend_scope(backend):
+            if self.wpe is not None:
+                h = ops.token_position_embedding(ids, self.wte.weight, self.wpe.weight, start)
+            else:
+                h = ops.embedding(ids, self.wte.weight)
+            h = self.drop(h)
+            n = len(self.blocks)
+            y = _apply_norm(self.blocks[0].norm1, h) if n else h
+            for i, block in enumerate(self.blocks):
+                a = block.attn(y, None if caches is None else caches[i])
+                y, h = _add_norm(block.norm2, a, h)
+                m = block.mlp(y)
+                y, h = _add_norm(self.blocks[i + 1].norm1 if i + 1 < n else self.norm_f, m, h)
+            if not n:
+                y = _apply_norm(self.norm_f, h)
+        return y
+
+    def forward(self, ids: Tensor, targets: Tensor | None = None, *, backend: str | None = None,
+                caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
+        """(logits (B, T, V), mean cross-entropy over targets (B, T) or None). Targets of -100
+        are ignored."""
+        y = self.hidden(ids, caches, backend=backend)
+        logits = F.linear(y, self.wte.weight)
+        loss = None
+        if targets is not None:
+            if targets.shape != ids.shape:
+                raise ValueError(f"Transformer: targets {tuple(targets.shape)} must match ids {tuple(ids.shape)}")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        max_len = self.config.block_size if max_len is None else max_len
+        return [b.attn.new_cache(batch, max_len) for b in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
+                 eos_id: int | None = None, backend: str | None = None) -> Tensor:
+        """Continue ids (B, T) by max_new_tokens tokens. temperature 0 is greedy; otherwise tokens
+        are sampled, optionally from the top_k most likely or the smallest set whose probability
+        reaches top_p. `seed` makes sampling reproducible. Stops early when every sequence has
+        produced eos_id. Returns (B, T + new)."""
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"generate: ids must be (B, T) with T >= 1, got {tuple(ids.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"generate: top_k must be positive, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+        total = ids.shape[1] + max_new_tokens
+        if total > self.config.block_size:
+            raise ValueError(f"generate: prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"block_size {self.config.block_size}")
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=ids.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            caches = self.new_caches(ids.shape[0], total) if use_cache else None
+            out, step_in = ids, ids
+            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            for _ in range(max_new_tokens):
+                logits, _ = self(step_in if use_cache else out, caches=caches, backend=backend)
+                nxt = _sample(logits[:, -1].float(), temperature, top_k, top_p, gen)
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done |= nxt == eos_id
+                out = torch.cat((out, nxt[:, None]), dim=1)
+                step_in = nxt[:, None]
+                if eos_id is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)
+        return out
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            gen: torch.Generator | None) -> Tensor:
+    """One token per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]

@@ -1,0 +1,483 @@
+"""Train a Transformer on a prepared token stream (see fastlm.data.prepare).
+
+    cfg = TrainConfig(data="data/shakespeare", out="runs/tiny", preset="tiny", steps=2000)
+    train(cfg)                      # or resume=True to continue from runs/tiny/latest
+
+AdamW with decoupled weight decay (not on norms, biases or embeddings), global-norm gradient
+clipping, linear warm-up then cosine decay, gradient accumulation, bf16 autocast on CUDA, periodic
+evaluation (loss, perplexity), a JSONL metrics log, a PNG of the curves, and checkpoints from
+which a run resumes exactly. Under torchrun it trains with DDP (gloo on the CPU, nccl on GPUs) on
+the same global batch: each process takes its share of every global batch and accumulates less.
+
+A checkpoint is a directory written whole under a temporary name and renamed into place, after
+which the `latest` file is replaced to point at it, so a crash at any moment leaves the previous
+checkpoint intact:
+
+    <out>/latest                    name of the newest complete checkpoint
+    <out>/step_000200/model.safetensors, config.json          the model
+                     optimizer.safetensors, optimizer.json    AdamW's tensors; its scalars
+                     trainer.json                             step, RNG states, sampler, config
+                     tokenizer.json                           copied from the data directory
+    <out>/metrics.jsonl, <out>/curves.png
+
+Nothing is loaded with pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastlm import data as fdata
+from fastlm.model import Transformer, TransformerConfig
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or corrupt; the message names the file."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str = "data/shakespeare"  # directory written by fastlm.data.prepare
+    out: str = "runs/tiny"
+    preset: str = "tiny"
+    model: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's fields
+    steps: int = 2000
+    batch_size: int = 32            # sequences per optimizer step, over all processes
+    micro_batch_size: int = 16      # sequences per forward/backward in one process
+    seq_len: int | None = None      # default: the model's block_size
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # 0 disables clipping
+    eval_every: int = 200
+    eval_batches: int = 10
+    ckpt_every: int = 200           # a final checkpoint is always written
+    keep: int = 2                   # checkpoints kept on disk
+    log_every: int = 10
+    seed: int = 1337
+    device: str | None = None       # default: cuda when present, else cpu
+    dtype: str = "auto"             # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    backend: str | None = None      # fastlm backend for the model's ops; None = best available
+    compile: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "log_every", "keep"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)}")
+        if self.ckpt_every < 0 or self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("TrainConfig: ckpt_every, warmup, grad_clip and weight_decay must be >= 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"TrainConfig: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"TrainConfig: dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over cfg.warmup steps, then cosine decay to min_lr at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on the matrices of Linear layers (not norms, biases, embeddings)."""
+    no_decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in no_decay]
+    rest = [p for p in model.parameters() if p.dim() < 2 or id(p) in no_decay]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def _setup_distributed() -> tuple[int, int, int]:
+    """(rank, world, local_rank); initialises the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _mean_over_ranks(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+# --- RNG states as JSON ---------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py = random.getstate()
+    return {
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py[0], list(py[1]), py[2]],
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(_unb64(s["torch"]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(x) for x in s["cuda"]])
+    n = s["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON, the checkpoint is corrupt or truncated ({e})") from None
+
+
+def _read_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file, the checkpoint is corrupt or "
+                              f"truncated ({e})") from None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, given it or a run directory holding `latest`."""
+    p = Path(path)
+    if (p / "latest").is_file():
+        name = (p / "latest").read_text().strip()
+        if not name or not (p / name).is_dir():
+            raise CheckpointError(f"{p / 'latest'}: points at {name!r}, which is not a checkpoint directory")
+        return p / name
+    if (p / "model.safetensors").exists() or (p / "config.json").exists():
+        return p
+    raise CheckpointError(f"{p}: no checkpoint here (neither a `latest` file nor model.safetensors)")
+
+
+def save_checkpoint(out: Path, step: int, model: Transformer, opt: torch.optim.Optimizer, trainer: dict,
+                    tokenizer: Path | None, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    name = f"step_{step:06d}"
+    tmp = out / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}) + "\n")
+    (tmp / "trainer.json").write_text(json.dumps(trainer) + "\n")
+    if tokenizer is not None and tokenizer.exists():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    final = out / name
+    if final.exists():  # left by a run that crashed before updating `latest`
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    (out / "latest.tmp").write_text(name + "\n")
+    os.replace(out / "latest.tmp", out / "latest")
+    for old in sorted(out.glob("step_*"))[:-keep]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", backend: str | None = None
+               ) -> tuple[Transformer, Path]:
+    """The model of a checkpoint (or of a run directory's latest one), in eval mode; and the
+    checkpoint directory."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        cfg = TransformerConfig.from_dict({**_read_json(ckpt / "config.json"), "backend": backend})
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{ckpt / 'config.json'}: not a valid model configuration ({e})") from None
+    model = Transformer(cfg)
+    state = _read_tensors(ckpt / "model.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt / 'model.safetensors'}: does not match config.json ({e})") from None
+    return model.to(device).eval(), ckpt
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, ckpt: Path) -> None:
+    tensors = _read_tensors(ckpt / "optimizer.safetensors")
+    meta = _read_json(ckpt / "optimizer.json")
+    state: dict[int, dict] = {}
+    for key, v in [*tensors.items(), *meta["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    try:
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt / 'optimizer.json'}: does not match the model ({e})") from None
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg: TrainConfig, seq_len: int, device, rank: int, world: int) -> float:
+    """Mean loss over cfg.eval_batches global batches of the validation stream, the same batches
+    at every evaluation (a fixed seed)."""
+    batches = fdata.TokenBatches(tokens, cfg.batch_size, seq_len, seed=cfg.seed + 1, rank=rank, world=world)
+    was = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(cfg.eval_batches):
+        x, y = batches.next(device)
+        for xm, ym in zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size)):
+            with _autocast(device, cfg.dtype):
+                total += float(model(xm, ym)[1]) * len(xm)
+    model.train(was)
+    return _mean_over_ranks(total / (cfg.eval_batches * cfg.batch_size // world), world)
+
+
+def plot_metrics(metrics: Path, png: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train")
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows a crashed run logged after the checkpoint it resumes from."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or resume) training; returns the last logged metrics."""
+    rank, world, local_rank = _setup_distributed()
+    out = Path(cfg.out)
+    ckpt = None
+    if resume and (out / "latest").exists():
+        ckpt = resolve_checkpoint(out)
+        saved = _read_json(ckpt / "trainer.json")
+        # The stored run defines everything but the length of training and the progress bar.
+        try:
+            cfg = TrainConfig(**{**saved["train_config"], "steps": cfg.steps, "progress": cfg.progress})
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt / 'trainer.json'}: not a trainer state of this fastlm ({e})") from None
+    cfg.check()
+    if cfg.device:
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    main = rank == 0
+
+    per_rank = cfg.batch_size // world
+    if cfg.batch_size % world or per_rank % cfg.micro_batch_size:
+        raise ValueError(f"train: batch_size {cfg.batch_size} must split into {world} process(es) x whole "
+                         f"micro-batches of {cfg.micro_batch_size}")
+    accum = per_rank // cfg.micro_batch_size
+
+    meta = fdata.read_meta(cfg.data)
+    if ckpt is not None:
+        model_cfg = TransformerConfig.from_dict({**_read_json(ckpt / "config.json"), "backend": cfg.backend})
+    else:
+        model_cfg = TransformerConfig.preset(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model,
+                                                            "backend": cfg.backend})
+    if meta["vocab_size"] > model_cfg.vocab_size:
+        raise ValueError(f"train: the data's vocabulary ({meta['vocab_size']}) exceeds the model's "
+                         f"vocab_size ({model_cfg.vocab_size})")
+    seq_len = cfg.seq_len or model_cfg.block_size
+    if seq_len > model_cfg.block_size:
+        raise ValueError(f"train: seq_len {seq_len} exceeds the model's block_size {model_cfg.block_size}")
+
+    # Every process builds the same initial model; DDP would broadcast rank 0's anyway.
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).to(device)
+    opt = make_optimizer(model, cfg, device)
+    # Dropout masks should differ between processes.
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    train_tokens = fdata.load_tokens(cfg.data, "train")
+    val_tokens = fdata.load_tokens(cfg.data, "val")
+    batches = fdata.TokenBatches(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed, rank=rank, world=world)
+
+    step = 0
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        state = _read_tensors(ckpt / "model.safetensors", device)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt / 'model.safetensors'}: does not match config.json ({e})") from None
+        _load_optimizer(opt, ckpt)
+        step = saved["step"]
+        rngs = saved["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        batches.load_state_dict(saved["sampler"])
+        if main:
+            _truncate_metrics(metrics_path, step)
+            print(f"resuming {out} from step {step} ({ckpt.name})")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        print(f"model: {model.num_params() / 1e6:.2f} M parameters, {model_cfg.n_layer} layers, "
+              f"d_model {model_cfg.d_model}; {world} process(es) x {accum} micro-batch(es) of "
+              f"{cfg.micro_batch_size} x {seq_len} tokens per step; device {device}")
+
+    run = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        run = torch.compile(run)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (main and cfg.progress), unit="step", dynamic_ncols=True)
+    tokenizer_file = Path(cfg.data) / "tokenizer.json"
+    last: dict = {}
+    t0, tokens_since = time.perf_counter(), 0
+    model.train()
+    while step < cfg.steps:
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = batches.next(device)
+        loss_sum = torch.zeros((), device=device)
+        for i, (xm, ym) in enumerate(zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size))):
+            # Gradients are averaged across processes only on the last micro-batch.
+            sync = nullcontext() if world == 1 or i == accum - 1 else run.no_sync()
+            with sync, _autocast(device, cfg.dtype):
+                _, loss = run(xm, ym)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_since += cfg.batch_size * seq_len
+        bar.update(1)
+
+        row: dict = {}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": _mean_over_ranks(float(loss_sum) / accum, world), "lr": lr,
+                   "tokens_per_s": tokens_since / dt}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            t0, tokens_since = time.perf_counter(), 0
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val = evaluate(run, val_tokens, cfg, seq_len, device, rank, world)
+            row = {"step": step, **row, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+            if main:
+                bar.write(f"step {step}: val loss {val:.4f}, perplexity {row['val_ppl']:.2f}")
+        if row and main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            last = row
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            rngs = [rng_state()]
+            sampler = batches.state_dict()
+            if world > 1:
+                gathered: list = [None] * world
+                dist.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if main:
+                trainer = {"step": step, "train_config": dataclasses.asdict(cfg), "rng": rngs, "sampler": sampler,
+                           "world": world}
+                save_checkpoint(out, step, model, opt, trainer, tokenizer_file, cfg.keep)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if main and metrics_path.exists():
+        png = plot_metrics(metrics_path, out / "curves.png")
+        if png:
+            print(f"wrote {png}")
+    return last

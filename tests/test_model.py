@@ -1,0 +1,163 @@
+"""The Transformer: fastlm backends agree with the torch path, it learns, the KV cache is exact."""
+
+import math
+
+import pytest
+import torch
+
+from fastlm.model import Transformer, TransformerConfig
+from fastlm.nn import CausalSelfAttention
+from fastlm.nn.self_attention import KVCache
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are far too small to gain from a second thread, and on a busy machine
+    # OpenMP threads waiting on each other cost more than the work.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+VARIANTS = {
+    "gpt2-style": dict(norm="layernorm", pos="learned"),
+    "llama-style": dict(norm="rmsnorm", pos="rope", n_kv_head=2, bias=False),
+}
+
+
+def tiny(**kw) -> TransformerConfig:
+    return TransformerConfig(**{**dict(vocab_size=256, block_size=32, n_layer=2, n_head=4, d_model=64), **kw})
+
+
+def _dtype(backend: str) -> torch.dtype:
+    # The GPU backends compute in at most float32.
+    return torch.float64 if backend in ("torch", "cpu") else torch.float32
+
+
+
+
+def _run(model, ids, backend):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(ids, ids.roll(-1, 1), backend=backend)
+    loss.backward()
+    return {"logits": logits.detach(), "loss": loss.detach(),
+            **{f"grad of {n}": p.grad.clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_backend_matches_torch_forward_and_gradients(backend, device, variant):
+    """Logits, loss and every parameter's gradient of the same float32 weights, against the torch
+    path in float64: the backend's error may be at most about twice torch's own float32 error."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(**VARIANTS[variant])).to(device)
+    ids = torch.randint(0, 256, (2, 24), device=device)
+    ours = _run(model, ids, backend)
+    torch32 = _run(model, ids, "torch")
+    ref = _run(model.double(), ids, "torch")
+    for name, r in ref.items():
+        scale = r.abs().max().item() + 1e-30
+        err = (ours[name].double() - r).abs().max().item() / scale
+        err_torch = (torch32[name].double() - r).abs().max().item() / scale
+        assert err <= 2 * err_torch + 1e-6, f"{name}: error {err:.2e} vs torch float32's {err_torch:.2e}"
+
+
+def test_presets_have_the_advertised_sizes():
+    sizes = {p: Transformer(TransformerConfig.preset(p)).num_params() / 1e6 for p in ("tiny", "small")}
+    assert 1 <= sizes["tiny"] <= 3
+    assert 15 <= sizes["small"] <= 30
+    with torch.device("meta"):
+        assert 120 <= Transformer(TransformerConfig.preset("gpt2")).num_params() / 1e6 <= 130
+
+
+def test_init_follows_gpt2():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, d_model=256))
+    assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.blocks[0].attn.qkv.bias.abs().max().item() == 0
+    # The output projection is the token embedding itself.
+    assert "lm_head.weight" not in model.state_dict()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_overfits_one_batch(variant):
+    torch.manual_seed(0)
+    model = Transformer(tiny(**VARIANTS[variant]))
+    ids = torch.randint(0, 256, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(80):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 5.0 and loss.item() < 0.3
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_generation_equals_full_recompute(backend, device, variant):
+    torch.manual_seed(0)
+    model = Transformer(tiny(**VARIANTS[variant])).to(device, _dtype(backend))
+    prompt = torch.randint(0, 256, (3, 5), device=device)
+    cached = model.generate(prompt, 20, temperature=0, backend=backend)
+    full = model.generate(prompt, 20, temperature=0, use_cache=False, backend=backend)
+    assert cached.shape == (3, 25)
+    assert torch.equal(cached, full)
+    assert torch.equal(cached[:, :5], prompt)
+
+
+def test_cached_logits_equal_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(tiny(pos="rope", n_kv_head=1)).double().eval()
+    ids = torch.randint(0, 256, (2, 12))
+    full, _ = model(ids)
+    caches = model.new_caches(2, 16)
+    parts = [model(ids[:, :7], caches=caches)[0]] + [model(ids[:, t:t + 1], caches=caches)[0] for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    prompt = torch.randint(0, 256, (2, 4))
+    a = model.generate(prompt, 12, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    b = model.generate(prompt, 12, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    assert torch.equal(a, b)
+    greedy = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(model.generate(prompt, 12, temperature=1.5, top_k=1, seed=3), greedy)
+    assert torch.equal(model.generate(prompt, 12, temperature=1.0, top_p=1e-6, seed=3), greedy)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        tiny(n_kv_head=3)
+    with pytest.raises(ValueError, match="norm"):
+        tiny(norm="batchnorm")
+    with pytest.raises(ValueError, match="preset"):
+        TransformerConfig.preset("huge")
+    model = Transformer(tiny())
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 30, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, top_p=1.5)
+    with pytest.raises(ValueError, match="ids"):
+        model(torch.zeros(4, dtype=torch.long))
+
+
+def test_attention_module_and_cache_checks():
+    attn = CausalSelfAttention(64, 8, 2, rotary=True, max_seq_len=16)
+    assert attn.qkv.out_features == (8 + 2 * 2) * 8
+    assert not any("cos" in k or "sin" in k for k in attn.state_dict())
+    cache = attn.new_cache(batch=2, max_len=4)
+    assert isinstance(cache, KVCache) and cache.k.shape == (2, 2, 4, 8)
+    attn(torch.randn(2, 3, 64), cache)
+    assert cache.seqlens.tolist() == [3, 3]
+    with pytest.raises(ValueError, match="overflow"):
+        attn(torch.randn(2, 2, 64), cache)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        CausalSelfAttention(64, 8, 3)

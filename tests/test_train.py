@@ -1,0 +1,194 @@
+"""The trainer: schedule, optimizer groups, checkpoints (exact resume after SIGKILL, corrupt files
+caught), DDP equals one process, and the CLI end to end."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import synthetic_docs
+
+from fastlm import cli, data
+from fastlm import train as ftrain
+from fastlm.model import Transformer, TransformerConfig
+
+MODEL = {"n_layer": 2, "d_model": 64, "n_head": 4, "block_size": 32}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    data.prepare(d, vocab_size=300, val_fraction=0.2, docs=synthetic_docs(12, 600))
+    return d
+
+
+def _config(corpus, out, **kw) -> ftrain.TrainConfig:
+    base = dict(data=str(corpus), out=str(out), model=MODEL, steps=6, batch_size=4, micro_batch_size=2,
+                seq_len=32, warmup=2, eval_every=3, eval_batches=2, ckpt_every=3, log_every=1, progress=False)
+    return ftrain.TrainConfig(**{**base, **kw})
+
+
+def _cli_args(corpus, out, *extra) -> list[str]:
+    return ["train-lm", "--data", str(corpus), "--out", str(out), "--model", json.dumps(MODEL),
+            "--batch-size", "8", "--micro-batch-size", "2", "--seq-len", "32", "--warmup", "5",
+            "--log-every", "1", "--eval-every", "1000", "--eval-batches", "1", "--no-progress", *extra]
+
+
+def _run_cli(args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fastlm.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_lr_warms_up_then_decays_to_min():
+    cfg = ftrain.TrainConfig(lr=1.0, min_lr=0.1, warmup=10, steps=110)
+    lrs = [ftrain.lr_at(s, cfg) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = Transformer(TransformerConfig(vocab_size=64, **MODEL))
+    opt = ftrain.make_optimizer(model, ftrain.TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        should = p.dim() == 2 and not name.startswith(("wte", "wpe"))
+        assert (id(p) in decayed) == should, name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_checkpoint_round_trip_and_in_process_resume(corpus, tmp_path):
+    whole = tmp_path / "whole"
+    ftrain.train(_config(corpus, whole))
+    half = tmp_path / "half"
+    ftrain.train(_config(corpus, half, steps=3))
+    ftrain.train(_config(corpus, half), resume=True)
+    assert _losses(half) == _losses(whole)
+    assert (whole / "latest").read_text().strip() == "step_000006"
+    assert sorted(p.name for p in whole.glob("step_*")) == ["step_000003", "step_000006"]
+    assert (whole / "curves.png").stat().st_size > 0
+    model, ckpt = ftrain.load_model(whole)
+    assert (ckpt / "tokenizer.json").exists()
+    ids = torch.randint(0, 300, (1, 10))
+    ref, _ = ftrain.load_model(half)
+    torch.testing.assert_close(model(ids)[0], ref(ids)[0], rtol=0, atol=0)
+
+
+def test_corrupt_or_missing_checkpoint_files_are_named(corpus, tmp_path):
+    out = tmp_path / "run"
+    ftrain.train(_config(corpus, out, steps=3))
+    ckpt = out / "step_000003"
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ftrain.CheckpointError, match="model.safetensors"):
+        ftrain.load_model(out)
+    (ckpt / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ftrain.CheckpointError, match="model.safetensors"):
+        ftrain.load_model(out)
+    (ckpt / "model.safetensors").write_bytes(weights)
+    ftrain.load_model(out)
+    (ckpt / "trainer.json").write_text('{"step": 3, "rng"')
+    with pytest.raises(ftrain.CheckpointError, match="trainer.json"):
+        ftrain.train(_config(corpus, out), resume=True)
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 300, "d_model": 48}))
+    with pytest.raises(ftrain.CheckpointError, match="model.safetensors"):
+        ftrain.load_model(out)
+    (out / "latest").write_text("step_999999\n")
+    with pytest.raises(ftrain.CheckpointError, match="latest"):
+        ftrain.load_model(out)
+    with pytest.raises(ftrain.CheckpointError, match="no checkpoint"):
+        ftrain.load_model(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    steps = ["--steps", "60", "--ckpt-every", "5"]
+    killed = tmp_path / "killed"
+    child = _run_cli(_cli_args(corpus, killed, *steps))
+    deadline = time.monotonic() + 300
+    # Kill it once it has written a few checkpoints, in the middle of training.
+    while time.monotonic() < deadline and child.poll() is None:
+        latest = killed / "latest"
+        if latest.exists() and int(latest.read_text().split("_")[1]) >= 10:
+            break
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    stopped_at = int((killed / "latest").read_text().split("_")[1])
+    assert stopped_at < 60
+    resumed = _run_cli(_cli_args(corpus, killed, *steps, "--resume"))
+    # The uninterrupted run, in this process (one thread, as the children) while the resumed one runs.
+    assert cli.main(_cli_args(corpus, tmp_path / "ref", *steps)) == 0
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resuming {killed} from step {stopped_at}" in out
+    a, b = _losses(tmp_path / "ref"), _losses(killed)
+    assert len(a) == 60 and a == b  # exactly, step by step
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _cli_args(corpus, tmp_path / "ddp", "--steps", "4", "--backend", "torch")
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "fastlm.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    assert cli.main(_cli_args(corpus, tmp_path / "one", "--steps", "4", "--backend", "torch")) == 0
+    out, _ = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, out
+    assert "2 process(es) x 2 micro-batch(es)" in out
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "ddp")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_cli_train_generate_eval(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_cli_args(corpus, out, "--steps", "3")) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--ckpt", str(out), "--prompt", "the king", "--max-new-tokens", "5",
+                     "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the king")
+    assert cli.main(["generate", "--ckpt", str(out), "--prompt", "the king", "--max-new-tokens", "5",
+                     "--temperature", "0", "--no-cache"]) == 0
+    assert cli.main(["eval", "--ckpt", str(out), "--data", str(corpus), "--batches", "2"]) == 0
+    loss = float(capsys.readouterr().out.split("val loss ")[1].split(",")[0])
+    assert 0 < loss < math.log(300) + 1
+
+
+def test_cli_bad_arguments_are_clear(corpus, tmp_path, capsys):
+    assert cli.main(["generate", "--ckpt", str(tmp_path / "none")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli.main(["train-lm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "fastlm data" in capsys.readouterr().err
+    assert cli.main(_cli_args(corpus, tmp_path / "o", "--batch-size", "3")) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert cli.main(_cli_args(corpus, tmp_path / "o", "--model", "[1]")) == 2
+    assert "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train-lm", "--steps", "0"])
+    assert "positive" in capsys.readouterr().err
