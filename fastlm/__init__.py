@@ -6,10 +6,12 @@
     with fastlm.use_backend("torch"): ...             # run the reference path
 """
 
-from fastlm import backends, nn, ops
+from fastlm import backends, nn, ops, quant
 from fastlm.backends import BackendUnavailable, use_backend
 from fastlm.patch import patch, unpatch
+from fastlm.quant import quantize_
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "backends", "patch", "unpatch", "use_backend", "BackendUnavailable", "__version__"]
+__all__ = ["ops", "nn", "backends", "patch", "unpatch", "use_backend", "BackendUnavailable", "quant", "quantize_",
+           "__version__"]

@@ -51,6 +51,8 @@ class Spec:
     # Integer arguments to mark divisible by 16, as a launch marks e.g. D = 768: the row stride then
     # proves rows 16-byte aligned, which is what lets the compiler vectorise row loads.
     divisible: tuple[str, ...] = ()
+    # Shared memory grows with the pipeline depth, so compile at the depth the launcher uses.
+    num_stages: int = 3
 
 
 def compile_spec(spec: Spec):
@@ -69,7 +71,7 @@ def compile_spec(spec: Spec):
         if signature[name].startswith("*") or name in spec.divisible
     }
     src = ASTSource(spec.fn, signature, spec.constexprs, attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": spec.num_warps})
+    return triton.compile(src, target=TARGET, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +172,148 @@ def embedding_specs() -> list[Spec]:
     return specs
 
 
-SPEC_BUILDERS = [norm_specs, embedding_specs]  # attention_specs, quant_matmul_specs, ... go here
+def attention_specs() -> list[Spec]:
+    import torch
+
+    from kernels import attention
+
+    torch_dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    # (dtype, D, IS_CAUSAL, HAS_MASK, G, backward too). G = 1 is what an MHA launch specialises;
+    # None: GQA, G passed as an integer. Every dtype at the fast head dims, the mask and GQA paths,
+    # an odd head dim (padded BLOCK_D, masked columns) and the widest.
+    cases = [(dt, D, True, False, 1 if D == 64 else None, True) for dt in DTYPES for D in (64, 128)]
+    cases += [("fp16", 128, False, True, 1, True), ("bf16", 128, False, True, 1, False),
+              ("bf16", 64, True, True, None, True), ("fp32", 64, False, True, 1, False),
+              ("fp16", 80, True, True, None, True), ("fp16", 256, True, False, 1, False),
+              ("bf16", 256, False, True, None, False), ("bf16", 256, True, False, 1, True)]
+    specs = []
+    for dt, D, causal, has_mask, G, with_bwd in cases:
+        tdt = torch_dt[dt]
+        block_d = attention._block_d(D)
+        pad = block_d != D
+        bm, bn, warps, st = attention.fwd_config(block_d, tdt, True, has_mask)
+        (bm1, bn1, w1, st1), (bm2, bn2, w2, st2) = attention.bwd_config(block_d, tdt, True, has_mask)
+        tag = f"{'causal' if causal else 'full'}{',mask' if has_mask else ''}{',gqa' if G is None else ''},D={D}"
+        flags = {"IS_CAUSAL": causal, "HAS_MASK": has_mask, "PAD_D": pad, "UPCAST": False,
+                 "PREC": "ieee" if dt == "fp32" else "tf32", "WHILE_LOOPS": False, "BLOCK_D": block_d}
+        ints = {"Hq": "i32", "Tq": "i32", "Tk": "i32", "D": "i32", "stride_mb": "i32", "stride_mh": "i32",
+                "stride_mm": "i32"}
+        if G is None:
+            ints["G"] = "i32"
+        else:
+            flags["G"] = G
+        if has_mask:
+            flags["stride_mn"] = 1  # a row-contiguous bias: a launch specialises the 1
+        else:
+            ints["stride_mn"] = "i32"
+        div = ("Tq", "Tk") if pad else ("Tq", "Tk", "D")  # T a multiple of 16, as training shapes are
+        specs.append(Spec(
+            f"attn_fwd[{tag}]", dt, attention._attn_fwd_kernel,
+            {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Mask": "*fp32", "Out": f"*{dt}", "Lse": "*fp32",
+             "num_m_blocks": "i32", "qk_scale": "fp32", **ints},
+            {**flags, "BLOCK_M": bm, "BLOCK_N": bn}, warps, div, num_stages=st,
+        ))
+        if with_bwd:
+            bwd_sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Mask": "*fp32", "DO": f"*{dt}",
+                       "Lse": "*fp32", "Delta": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", **ints}
+            specs.append(Spec(
+                f"attn_bwd_dkdv[{tag}]", dt, attention._attn_bwd_dkdv_kernel,
+                {**bwd_sig, "DK": f"*{dt}", "DV": f"*{dt}", "num_n_blocks": "i32"},
+                {**flags, "BLOCK_M": bm1, "BLOCK_N": bn1}, w1, div, num_stages=st1,
+            ))
+            specs.append(Spec(
+                f"attn_bwd_dq[{tag}]", dt, attention._attn_bwd_dq_kernel,
+                {**bwd_sig, "DQ": f"*{dt}", "num_m_blocks": "i32"},
+                {**flags, "BLOCK_M": bm2, "BLOCK_N": bn2}, w2, div, num_stages=st2,
+            ))
+
+    for dt, D in [(dt, 128) for dt in DTYPES] + [("fp16", 80)]:
+        block_d = attention._block_d(D)
+        specs.append(Spec(
+            f"attn_bwd_delta[D={D}]", dt, attention._attn_bwd_delta_kernel,
+            {"Out": f"*{dt}", "DOut": f"*{dt}", "Delta": "*fp32", "n_rows": "i32", "D": "i32"},
+            {"PAD_D": block_d != D, "BLOCK_M": attention.DELTA_BLOCK_ROWS, "BLOCK_D": block_d}, 4,
+            () if block_d != D else ("D",),
+        ))
+
+    # Decode: (dtype, D, G, Tn, one chunk). One new token of an 8-head GQA group, written as
+    # partials or (one chunk) as the output itself; 4 new tokens of an MHA head (speculative decoding).
+    decode_cases = [(dt, 128, None, 1, False) for dt in DTYPES]
+    decode_cases += [("fp16", 128, None, 1, True), ("fp16", 64, 1, 4, False), ("bf16", 80, None, 1, False),
+                     ("bf16", 256, None, 1, False)]
+    for dt, D, G, Tn, final in decode_cases:
+        block_d = attention._block_d(D)
+        pad = block_d != D
+        bm, bn, warps, st = attention.decode_tiles(block_d, torch_dt[dt], True, (G or 8) * Tn)
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Seqlens": "*i32",
+               "Out": f"*{dt}" if final else "*fp32", "Lse": "*fp32",
+               "Hq": "i32", "Tmax": "i32", "D": "i32", "chunk": "i32", "qk_scale": "fp32"}
+        consts = {"PAD_D": pad, "UPCAST": False, "PREC": "ieee" if dt == "fp32" else "tf32", "WHILE_LOOPS": False,
+                  "WRITE_FINAL": final, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "num_row_blocks": 1}
+        for name, val in (("G", G), ("Tn", Tn), ("num_splits", 1 if final else None)):
+            if val is None:
+                sig[name] = "i32"
+            else:
+                consts[name] = val
+        specs.append(Spec(
+            f"attn_decode[{'final' if final else 'split'},G={G or 'n'},Tn={Tn},D={D}]", dt,
+            attention._decode_split_kernel, sig, consts, warps,
+            ("Tmax", "chunk") if pad else ("Tmax", "chunk", "D"), num_stages=st,
+        ))
+    for dt, D, block_s in [(dt, 128, attention.MAX_SPLITS) for dt in DTYPES] + [("fp16", 80, 4)]:
+        block_d = attention._block_d(D)
+        specs.append(Spec(
+            f"attn_decode_combine[S={block_s},D={D}]", dt, attention._decode_combine_kernel,
+            {"Part": "*fp32", "Lse": "*fp32", "Out": f"*{dt}", "num_splits": "i32", "D": "i32"},
+            {"PAD_D": block_d != D, "BLOCK_S": block_s, "BLOCK_D": block_d},
+            attention.combine_warps(block_s, block_d), () if block_d != D else ("D",),
+        ))
+    return specs
+
+
+def quant_matmul_specs() -> list[Spec]:
+    from kernels import quant_matmul as qmm
+
+    specs = []
+    # (bits, group size, zeros): int8 per channel, int4 symmetric at the smallest group, int4
+    # asymmetric at the largest.
+    formats = ((8, 0, False), (4, 32, False), (4, 128, True))
+    for dt in DTYPES:
+        for bits, group, has_z in formats:
+            qtype = "*i8" if bits == 8 else "*u8"
+            sig = {"X": f"*{dt}", "Qw": qtype, "S": "*fp32", "Z": "*fp32", "B": f"*{dt}", "Y": f"*{dt}",
+                   "P": "*fp32", "M": "i32", "N": "i32", "K": "i32", "q_stride": "i32", "k_split": "i32",
+                   "steps": "i32"}
+            fmt = f"int{bits}" + (f",g{group}" if bits == 4 else "") + (",zeros" if has_z else "")
+            flags = {"BITS": bits, "GROUP": group if bits == 4 else 1, "HAS_Z": has_z}
+            # Decode (GEMV) at both ends of its M range, split and not; the GEMM with small and
+            # large M tiles. Bias on in one of each pair, so both epilogues compile.
+            for M, split in ((1, True), (8, False)):
+                block_m, block_n, block_k = qmm.gemv_config(M, bits, group)
+                specs.append(Spec(
+                    f"qmm_gemv[{fmt},M={M}{',split' if split else ',bias'}]", dt, qmm._qmm_gemv_kernel, sig,
+                    {**flags, "HAS_B": not split, "SPLIT": split,
+                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                    qmm.GEMV_WARPS, ("N", "K", "q_stride", "k_split"),
+                ))
+            for M, split in ((16, True), (512, False)):
+                block_m, block_n, block_k, warps, _ = qmm.gemm_config(M, 4096, bits, group, dt == "fp32")
+                specs.append(Spec(
+                    f"qmm_gemm[{fmt},M={M}{',split' if split else ',bias'}]", dt, qmm._qmm_gemm_kernel, sig,
+                    {**flags, "HAS_B": not split, "SPLIT": split, "F32_DOT": dt == "fp32",
+                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                    warps, ("N", "K", "q_stride", "k_split"),
+                ))
+        for has_b in (False, True):
+            specs.append(Spec(
+                f"qmm_reduce[{'bias' if has_b else 'no bias'}]", dt, qmm._qmm_reduce_kernel,
+                {"P": "*fp32", "B": f"*{dt}", "Y": f"*{dt}", "MN": "i32", "N": "i32", "splits": "i32"},
+                {"HAS_B": has_b, "BLOCK": qmm.REDUCE_BLOCK}, 4, ("MN", "N"),
+            ))
+    return specs
+
+
+SPEC_BUILDERS = [norm_specs, embedding_specs, attention_specs, quant_matmul_specs]
 
 
 def main(argv: list[str]) -> int:

@@ -18,12 +18,12 @@ import torch
 from fastlm.bench import harness
 from fastlm.info import machine_name, summary
 
-OPS = ("norm", "embedding")
+OPS = ("norm", "embedding", "attention", "quant_matmul", "model")
 
 
-def _cases(op: str, device: torch.device, quick: bool):
+def _module(op: str):
     if op in OPS:
-        return importlib.import_module(f"fastlm.bench.{op}").cases(device, quick)
+        return importlib.import_module(f"fastlm.bench.{op}")
     raise ValueError(f"bench: unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
@@ -38,15 +38,31 @@ def run(ops: list[str], device: str, quick: bool, out: str, plot: bool = True, r
                                     if reuse else "glibc's default (large outputs page-fault on every call)"))
     bw = harness.copy_bandwidth(dev)
     print(f"measured copy bandwidth: {bw:.1f} GB/s (read + write)")
+    rates: dict[str, float] = {}
+
+    def ceiling(case: harness.Case) -> float:
+        """Copy bandwidth for memory-bound cases; the dense matmul rate in the case's dtype otherwise."""
+        if case.metric == "GB/s":
+            return bw
+        key = str(case.dtype).removeprefix("torch.")
+        if key not in rates:
+            rates[key] = harness.matmul_rate(dev, case.dtype)
+            print(f"measured matmul rate ({key}): {rates[key]:.3f} TFLOP/s")
+        return rates[key]
+
     results = {}
     for op in ops:
+        module = _module(op)
         rows = []
-        for case in _cases(op, dev, quick):
+        for case in module.cases(dev, quick):
             print(f"running {case.name} ({case.dtype}) ...", flush=True)
-            rows += harness.run_case(case, dev, bw, reps=7 if quick else 15)
+            rows += harness.run_case(case, dev, ceiling(case), reps=7 if quick else 15)
         print(harness.format_table(rows))
-        results[op] = {"ceiling": {"copy_GBps": bw}, "host_memory_reused": reuse,
+        results[op] = {"ceiling": {"copy_GBps": bw, "matmul_TFLOPs": dict(rates)}, "host_memory_reused": reuse,
                        "rows": [dataclasses.asdict(r) for r in rows]}
+        # Measurements that are not timings (e.g. attention's peak memory against length).
+        if hasattr(module, "extra"):
+            results[op]["extra"] = module.extra(dev, quick)
     # Runs under glibc's default allocator go to a file of their own, beside the main results.
     name = machine_name(dev) + ("" if reuse or dev.type != "cpu" else "-default-alloc")
     path = save(results, dev, quick, out, name)

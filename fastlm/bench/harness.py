@@ -30,6 +30,12 @@ class Case:
     work: dict[str, float]      # pass -> bytes (metric "GB/s") or FLOPs (metric "TFLOP/s")
     metric: str = "GB/s"
     passes: tuple[str, ...] = PASSES
+    # Competitors that move different amounts (a quantized weight against a dense one) each
+    # get their own: impl -> pass -> bytes or FLOPs. Impls not named here use `work`.
+    impl_work: dict[str, dict[str, float]] | None = None
+
+    def work_of(self, impl: str, pass_: str) -> float:
+        return (self.impl_work or {}).get(impl, self.work)[pass_]
 
 
 @dataclasses.dataclass
@@ -110,6 +116,26 @@ def reuse_freed_host_memory() -> bool:
         return False
 
 
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def host_peak_growth(fn: Callable[[], object]) -> int:
+    """Bytes by which this process's resident set peaked above its level just before fn() (Linux).
+
+    The peak is reset first through /proc/self/clear_refs: getrusage's ru_maxrss cannot be reset
+    and a child process even inherits its parent's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_bytes("VmRSS")
+    fn()
+    return _proc_status_bytes("VmHWM") - before
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured copy bandwidth in GB/s (bytes read + bytes written), over a buffer far larger
     than the last-level cache."""
@@ -163,7 +189,7 @@ def run_case(case: Case, device: torch.device, ceiling: float, *, reps: int = 15
     for p in case.passes:
         ms = interleaved_ms({impl: f[p] for impl, f in fns.items()}, device, reps=reps)
         for impl, t in ms.items():
-            rate = case.work[p] / (t * 1e-3) / scale
+            rate = case.work_of(impl, p) / (t * 1e-3) / scale
             rows.append(Row(case.op, case.name, case.shape, str(case.dtype).removeprefix("torch."), p, impl,
                             t, rate, case.metric, 100 * rate / ceiling,
                             vs_eager=ms["torch"] / t if "torch" in ms else None,
@@ -180,7 +206,7 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         ve = f"{r.vs_eager:.2f}" if r.vs_eager else "-"
         vc = f"{r.vs_compile:.2f}" if r.vs_compile else "-"
-        rate = f"{r.rate:.1f} {r.metric}"
+        rate = f"{r.rate:.4g} {r.metric}"
         lines.append(f"{r.case:<26}{r.pass_:<8}{r.impl:<15}{r.ms:>9.3f}{rate:>14}{r.pct_ceiling:>7.0f}%{ve:>9}{vc:>10}")
     return "\n".join(lines)
 
@@ -193,5 +219,5 @@ def pytest_benchmark(benchmark, case: Case, impl: str, pass_: str, device: torch
         fn()
         sync(device)
 
-    benchmark.extra_info.update(work=case.work[pass_], metric=case.metric, dtype=str(case.dtype))
+    benchmark.extra_info.update(work=case.work_of(impl, pass_), metric=case.metric, dtype=str(case.dtype))
     benchmark(run)

@@ -105,7 +105,8 @@ def _tok_pos_backward(ctx, dout):
     )
     # Each position row sums over the batch: a plain reduction, which torch does at full speed.
     dpos = dout.new_zeros((ctx.positions, d))
-    dpos[ctx.start_pos:ctx.start_pos + t] = dout.sum(0, dtype=torch.float32).to(dout.dtype)
+    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+    dpos[ctx.start_pos:ctx.start_pos + t] = dout.sum(0, dtype=acc).to(dout.dtype)
     return None, dtok, dpos, None, None, None
 
 
