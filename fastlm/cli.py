@@ -141,6 +141,12 @@ def _eval(args) -> int:
         tokens = data.load_tokens(args.data, args.split)
     except (train.CheckpointError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
+    if args.quant:
+        # Weight-only quantization of every Linear (the tied output head stays as it is), to
+        # measure what it costs in perplexity; the batches are the same for the same --seed.
+        from fastlm.quant import quantize_
+
+        quantize_(model, bits=8 if args.quant == "int8" else 4, group_size=args.group_size)
     seq_len = min(args.seq_len or model.config.block_size, model.config.block_size)
     batches = data.TokenBatches(tokens, args.batch_size, seq_len, seed=args.seed)
     total = 0.0
@@ -149,8 +155,10 @@ def _eval(args) -> int:
             x, y = batches.next(device)
             total += float(model(x, y)[1])
     loss = total / args.batches
-    print(f"{args.split} loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
-          f"({args.batches} batches of {args.batch_size} x {seq_len} tokens)")
+    weights = "" if not args.quant else f", {args.quant} weights" + (f" in groups of {args.group_size}"
+                                                                    if args.quant == "int4" else "")
+    print(f"{args.split} loss {loss:.5f}, perplexity {math.exp(loss):.3f} "
+          f"({args.batches} batches of {args.batch_size} x {seq_len} tokens{weights})")
     return 0
 
 
@@ -228,6 +236,9 @@ def _lm_parsers(sub) -> None:
             s.add_argument("--batches", type=_positive, default=20, help="(default: %(default)s)")
             s.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
             s.add_argument("--seq-len", type=_positive, help="(default: the model's block size)")
+            s.add_argument("--quant", choices=["int8", "int4"], help="quantize every Linear's weight first")
+            s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=128,
+                           help="int4 group size along K (default: %(default)s)")
             s.set_defaults(func=_eval)
 
 

@@ -178,6 +178,12 @@ def test_cli_train_generate_eval(corpus, tmp_path, capsys):
     assert cli.main(["eval", "--ckpt", str(out), "--data", str(corpus), "--batches", "2"]) == 0
     loss = float(capsys.readouterr().out.split("val loss ")[1].split(",")[0])
     assert 0 < loss < math.log(300) + 1
+    # The same batches through int8 weights: a different model, but hardly a different loss.
+    assert cli.main(["eval", "--ckpt", str(out), "--data", str(corpus), "--batches", "2", "--quant", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert "int8 weights" in text
+    qloss = float(text.split("val loss ")[1].split(",")[0])
+    assert abs(qloss - loss) < 0.01 * loss
 
 
 def test_cli_bad_arguments_are_clear(corpus, tmp_path, capsys):
