@@ -201,13 +201,13 @@ def run_case(case: Case, device: torch.device, ceiling: float, *, reps: int = 15
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'case':<26}{'pass':<8}{'impl':<15}{'ms':>9}{'rate':>14}{'% ceil':>8}{'x eager':>9}{'x compile':>10}"
+    head = f"{'case':<26}{'pass':<8}{'impl':<15}{'ms':>10}{'rate':>17}{'% ceil':>8}{'x eager':>9}{'x compile':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ve = f"{r.vs_eager:.2f}" if r.vs_eager else "-"
         vc = f"{r.vs_compile:.2f}" if r.vs_compile else "-"
         rate = f"{r.rate:.4g} {r.metric}"
-        lines.append(f"{r.case:<26}{r.pass_:<8}{r.impl:<15}{r.ms:>9.3f}{rate:>14}{r.pct_ceiling:>7.0f}%{ve:>9}{vc:>10}")
+        lines.append(f"{r.case:<26}{r.pass_:<8}{r.impl:<15}{r.ms:>10.3f}{rate:>17}{r.pct_ceiling:>7.0f}%{ve:>9}{vc:>10}")
     return "\n".join(lines)
 
 
