@@ -48,3 +48,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: the tiny models of the model and trainer tests gain
+    nothing from a second one, and on a busy machine OpenMP threads waiting on each other cost
+    more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,15 +9,7 @@ from fastlm.model import Transformer, TransformerConfig
 from fastlm.nn import CausalSelfAttention
 from fastlm.nn.self_attention import KVCache
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are far too small to gain from a second thread, and on a busy machine
-    # OpenMP threads waiting on each other cost more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = {

@@ -21,12 +21,7 @@ from fastlm.model import Transformer, TransformerConfig
 MODEL = {"n_layer": 2, "d_model": 64, "n_head": 4, "block_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
