@@ -4,11 +4,12 @@
 // Two paths, both AVX2 + FMA, accumulating in float32:
 //
 // GEMV (M <= 8, the decode step). The packed weights are read from memory exactly once, which is
-// the whole cost: a 4096x4096 int4 matrix is 8 MiB against 64 MiB of float32. Each thread walks
-// its rows one after another (one sequential stream), unpacks 16 weights a step to float and
-// multiplies them into every row of x, which stays in L1. The group scale is applied to a group's
-// partial sum rather than to every weight, and the zero point (8 for symmetric int4) to the sum of
-// x over the group, once per group: the inner loop is load, unpack, convert, FMA.
+// the whole cost: a 4096x4096 int4 matrix is 8 MiB against 64 MiB of float32. Threads take 64 KiB
+// runs of rows from a shared counter and walk each run's rows one after another (a sequential
+// stream), unpack 16 weights a step to float and multiply them into every row of x, which stays in
+// L1. The group scale is applied to a group's partial sum rather than to every weight, and the
+// zero point (8 for symmetric int4) to the sum of x over the group, once per group: the inner loop
+// is load, unpack, convert, FMA.
 //
 // GEMM (M > 8, or layouts the GEMV cannot step through: K or group_size not a multiple of 16).
 // A tile of whole weight rows (about 128 KiB of float32) is dequantized once into a buffer in L2
@@ -31,6 +32,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "cpu/vec.h"
@@ -88,6 +90,15 @@ inline void load16(const uint8_t* row, int64_t blk, __m256i& lo, __m256i& hi) {
   }
 }
 
+template <int C>
+inline __m256 tree_sum(const __m256* v) {
+  if constexpr (C == 1) {
+    return v[0];
+  } else {
+    return _mm256_add_ps(tree_sum<C / 2>(v), tree_sum<C - C / 2>(v + C / 2));
+  }
+}
+
 // --- GEMV ---------------------------------------------------------------------------------------
 
 // Row n of y for all MB rows of x. Rows are taken one after another, so that each thread reads
@@ -95,11 +106,13 @@ inline void load16(const uint8_t* row, int64_t blk, __m256i& lo, __m256i& hi) {
 // interleaving several rows instead cut the bandwidth by a third here); independent accumulators
 // come from U blocks of k in flight (U a divisor of the blocks per group) and, while MB is small,
 // separate ones for the two halves of a block. Needs K and group_size multiples of 16.
-template <int BITS, int MB, int U>
+// BPG, the 16-blocks per group, is a compile-time constant for the common group sizes (0: read it
+// from p), so that a group's loop unrolls completely.
+template <int BITS, int MB, int U, int BPG>
 void gemv_row(const Problem& p, int64_t n) {
   constexpr int H = MB <= 4 ? 2 : 1;  // accumulators per block: the two halves, or one for both
   constexpr int64_t kBlkBytes = BITS == 4 ? 8 : 16;
-  const int64_t bpg = p.group / kBlk;
+  const int64_t bpg = BPG ? BPG : p.group / kBlk;
   const uint8_t* row = p.q + n * p.row_bytes;
   const float* sc = p.scales + n * p.groups;
   const float* zr = p.zeros ? p.zeros + n * p.groups : nullptr;
@@ -134,13 +147,11 @@ void gemv_row(const Problem& p, int64_t n) {
     const __m256 vs = _mm256_set1_ps(s);
     const float sz = s * (zr ? zr[g] : zdef);
     for (int m = 0; m < MB; ++m) {
-      __m256 a = acc[0][m][0];
-      if constexpr (H == 2) a = _mm256_add_ps(a, acc[0][m][1]);
-      for (int u = 1; u < U; ++u) {
-        a = _mm256_add_ps(a, acc[u][m][0]);
-        if constexpr (H == 2) a = _mm256_add_ps(a, acc[u][m][1]);
-      }
-      tot[m] = _mm256_fmadd_ps(vs, a, tot[m]);
+      // A pairwise sum: a chain of U * H - 1 dependent adds per group was the loop's bottleneck.
+      __m256 v[U * H];
+      for (int u = 0; u < U; ++u)
+        for (int h = 0; h < H; ++h) v[u * H + h] = acc[u][m][h];
+      tot[m] = _mm256_fmadd_ps(vs, tree_sum<U * H>(v), tot[m]);
       if (p.sumx) corr[m] = std::fma(sz, p.sumx[m * p.groups + g], corr[m]);
     }
   }
@@ -151,13 +162,31 @@ void gemv_row(const Problem& p, int64_t n) {
   }
 }
 
+// Rows are handed out in chunks of about 64 KiB from a shared counter rather than split evenly in
+// advance: a thread that wakes late (a millisecond is not rare on a busy VM, against a 1 ms call)
+// then takes fewer chunks instead of finishing last with a full share.
+template <int BITS, int MB, int U, int BPG>
+void gemv_bpg(const Problem& p) {
+  const int64_t rows = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, p.row_bytes));
+  const int64_t chunks = (p.n + rows - 1) / rows;
+  // Serial below ~256 KiB of weights, where waking a thread costs more than it saves.
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, chunks / 4));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      for (int64_t n = c * rows, e = std::min(p.n, n + rows); n < e; ++n) gemv_row<BITS, MB, U, BPG>(p, n);
+    }
+  });
+}
+
 template <int BITS, int MB, int U>
 void gemv(const Problem& p) {
-  // Serial below ~256 KiB of weights, where waking a thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, p.row_bytes));
-  at::parallel_for(0, p.n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) gemv_row<BITS, MB, U>(p, n);
-  });
+  switch (p.group / kBlk) {
+    case 8: if constexpr (8 % U == 0) return gemv_bpg<BITS, MB, U, 8>(p); break;
+    case 4: if constexpr (4 % U == 0) return gemv_bpg<BITS, MB, U, 4>(p); break;
+    case 2: if constexpr (2 % U == 0) return gemv_bpg<BITS, MB, U, 2>(p); break;
+  }
+  gemv_bpg<BITS, MB, U, 0>(p);
 }
 
 // Blocks in flight: about eight accumulators, but no more blocks than a group has.
@@ -319,17 +348,36 @@ void gemm(const Problem& p) {
 
 // --- the entry point ----------------------------------------------------------------------------
 
-// x (M, K) of any float type into (M, Kp) float32, kernel order, zero padded.
+// x (M, K) of any float type into (M, Kp) float32, kernel order, zero padded; and, when sumx is
+// given, the sums of x over each group (M, K / group), accumulated in double. Plain loops rather
+// than ATen ops: at decode sizes this runs once per layer per token, and the code and data it
+// touches are cold after the rest of the model ran, so less of both is faster.
 template <typename T>
-void to_kernel_order(const T* x, int64_t m, int64_t k, int64_t kp, int bits, float* out) {
-  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
+void to_kernel_order(const T* x, int64_t m, int64_t k, int64_t kp, int bits, float* out, int64_t group,
+                     float* sumx) {
+  // Rows in parallel only for the GEMM's sizes; the GEMV's few rows take microseconds.
+  at::parallel_for(0, m, m > 8 ? 1 : m, [&](int64_t rb, int64_t re) {
+    for (int64_t i = rb; i < re; ++i) {
       const T* xr = x + i * k;
       float* o = out + i * kp;
       for (int64_t kb = 0; kb < kp; kb += kBlk) {
-        for (int64_t j = 0; j < kBlk; ++j) {
-          const int64_t kk = kb + block_k(bits, j);
-          o[kb + j] = kk < k ? static_cast<float>(xr[kk]) : 0.f;
+        if (bits == 4 && kb + kBlk <= k) {
+          for (int64_t j = 0; j < kBlk / 2; ++j) {
+            o[kb + j] = static_cast<float>(xr[kb + 2 * j]);
+            o[kb + kBlk / 2 + j] = static_cast<float>(xr[kb + 2 * j + 1]);
+          }
+        } else {
+          for (int64_t j = 0; j < kBlk; ++j) {
+            const int64_t kk = kb + block_k(bits, j);
+            o[kb + j] = kk < k ? static_cast<float>(xr[kk]) : 0.f;
+          }
+        }
+      }
+      if (sumx) {
+        for (int64_t g = 0; g < k / group; ++g) {
+          double acc = 0.0;
+          for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) acc += static_cast<double>(xr[kk]);
+          sumx[i * (k / group) + g] = static_cast<float>(acc);
         }
       }
     }
@@ -375,23 +423,24 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   if (m == 0 || n == 0) return y.to(x.scalar_type());
 
   const int64_t kp = (k + kBlk - 1) / kBlk * kBlk;
-  at::Tensor xk = at::empty({m, kp}, y.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quant_matmul_cpu", [&] {
-    to_kernel_order(x.data_ptr<scalar_t>(), m, k, kp, static_cast<int>(bits), xk.data_ptr<float>());
-  });
-  at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  // Per-group sums of x, which carry the zero points of asymmetric weights.
   const bool gemv_ok = m <= 8 && k % kBlk == 0 && group_size % kBlk == 0;
   // The GEMV multiplies the stored values as they are and applies the zero points per group, on
   // the sums of x over each group.
   const bool need_sumx = gemv_ok && (bits == 4 || has_zeros);
-  at::Tensor sumx = need_sumx ? x.to(at::kFloat).view({m, groups, group_size}).sum(-1).contiguous() : at::Tensor();
+  // One buffer for x in kernel order (M, Kp) and the group sums (M, groups).
+  at::Tensor work = at::empty({m * kp + (need_sumx ? m * groups : 0)}, y.options());
+  float* xk = work.data_ptr<float>();
+  float* sumx = need_sumx ? xk + m * kp : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quant_matmul_cpu", [&] {
+    to_kernel_order(x.data_ptr<scalar_t>(), m, k, kp, static_cast<int>(bits), xk, group_size, sumx);
+  });
+  at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
-  Problem p{xk.data_ptr<float>(),
+  Problem p{xk,
             static_cast<const uint8_t*>(qweight.data_ptr()),
             scales.data_ptr<float>(),
             has_zeros ? zeros->data_ptr<float>() : nullptr,
-            need_sumx ? sumx.data_ptr<float>() : nullptr,
+            sumx,
             has_bias ? bias_f.data_ptr<float>() : nullptr,
             y.data_ptr<float>(),
             m, n, k, kp, group_size, groups, qweight.size(1), static_cast<int>(bits)};
