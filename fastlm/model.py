@@ -2,7 +2,8 @@
 
     cfg = TransformerConfig.preset("tiny", vocab_size=2048)
     model = Transformer(cfg)
-    logits, loss = model(ids, targets)                      # ids, targets (B, T) int64
+    logits, _ = model(ids)                                  # ids (B, T) int64
+    _, loss = model(ids, targets)                           # the loss alone, without the logits
     out = model.generate(prompt_ids, 100, temperature=0.8, top_k=50, seed=0)
 
 Token embedding plus a learned position embedding (or rotary positions inside attention),
@@ -204,16 +205,24 @@ class Transformer(nn.Module):
         return y
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, *, backend: str | None = None,
-                caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
+                caches: list[KVCache] | None = None, return_logits: bool | None = None
+                ) -> tuple[Tensor | None, Tensor | None]:
         """(logits (B, T, V), mean cross-entropy over targets (B, T) or None). Targets of -100
-        are ignored."""
+        are ignored. With targets the logits are not returned (None) unless return_logits=True:
+        the loss is then computed chunk by chunk without them (ops.linear_cross_entropy)."""
+        if targets is not None and targets.shape != ids.shape:
+            raise ValueError(f"Transformer: targets {tuple(targets.shape)} must match ids {tuple(ids.shape)}")
+        if return_logits is None:
+            return_logits = targets is None
         y = self.hidden(ids, caches, backend=backend)
-        logits = F.linear(y, self.wte.weight)
+        logits = F.linear(y, self.wte.weight) if return_logits else None
         loss = None
         if targets is not None:
-            if targets.shape != ids.shape:
-                raise ValueError(f"Transformer: targets {tuple(targets.shape)} must match ids {tuple(ids.shape)}")
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
+            if logits is not None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
+            else:
+                with self._backend_scope(backend):
+                    loss = ops.linear_cross_entropy(y, self.wte.weight, targets, ignore_index=-100)
         return logits, loss
 
     # --- generation ----------------------------------------------------------------------------

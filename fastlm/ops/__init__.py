@@ -1,11 +1,12 @@
 """Functional ops: swap `torch.nn.functional.X` for `fastlm.ops.X`; each takes `backend=`."""
 
 from fastlm.ops.attention import decode_attention, scaled_dot_product_attention
+from fastlm.ops.cross_entropy import linear_cross_entropy
 from fastlm.ops.embedding import embedding, token_position_embedding
 from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.quant_matmul import quant_linear
 
 __all__ = [
     "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "embedding", "token_position_embedding",
-    "scaled_dot_product_attention", "decode_attention", "quant_linear",
+    "scaled_dot_product_attention", "decode_attention", "quant_linear", "linear_cross_entropy",
 ]

@@ -1,0 +1,132 @@
+"""linear_cross_entropy against F.cross_entropy of the full logits in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import ops
+
+
+def _inputs(n, d, v, device, ignored=0, dtype=torch.float32, lead=None):
+    h = torch.randn(*(lead or (n,)), d, device=device, dtype=dtype) * 2
+    w = torch.randn(v, d, device=device, dtype=dtype) / math.sqrt(d)
+    t = torch.randint(0, v, h.shape[:-1], device=device)
+    if ignored:
+        t.view(-1)[torch.randperm(t.numel())[:ignored]] = -100
+    return h.requires_grad_(), w.requires_grad_(), t
+
+
+def _loss_and_grads(fn, h, w, t):
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fn(h, w, t)
+    loss.backward()
+    return {"loss": loss.detach(), "d input": h.grad, "d weight": w.grad}
+
+
+def _reference(h, w, t):
+    return F.cross_entropy(F.linear(h, w).flatten(0, -2), t.reshape(-1), ignore_index=-100)
+
+
+def _check_against_float64(ours, h, w, t):
+    ref = _loss_and_grads(_reference, h.double(), w.double(), t)
+    f32 = _loss_and_grads(_reference, h, w, t)
+    for name, r in ref.items():
+        scale = r.abs().max().item() + 1e-30
+        err = (ours[name].double() - r).abs().max().item() / scale
+        err32 = (f32[name].double() - r).abs().max().item() / scale
+        assert err <= 4 * err32 + 1e-6, f"{name}: error {err:.2e} against torch float32's {err32:.2e}"
+
+
+@pytest.mark.parametrize("n,d,v,chunk,ignored", [
+    (1, 8, 5, None, 0),
+    (17, 24, 33, 5, 3),       # chunks of 5 with a ragged last one, some targets ignored
+    (64, 32, 1000, 16, 0),
+    (300, 64, 257, None, 10),
+])
+def test_matches_float64_reference(backend, device, n, d, v, chunk, ignored):
+    h, w, t = _inputs(n, d, v, device, ignored)
+    fn = lambda h, w, t: ops.linear_cross_entropy(h, w, t, chunk_size=chunk, backend=backend)  # noqa: E731
+    _check_against_float64(_loss_and_grads(fn, h, w, t), h, w, t)
+
+
+def test_leading_dims_and_int32_targets(backend, device):
+    h, w, t = _inputs(0, 16, 40, device, ignored=2, lead=(3, 7))
+    t32 = t.to(torch.int32)
+    fn = lambda h, w, t: ops.linear_cross_entropy(h, w, t32, chunk_size=4, backend=backend)  # noqa: E731
+    _check_against_float64(_loss_and_grads(fn, h, w, t), h, w, t)
+
+
+def test_gradient_to_one_input_only_and_no_grad(backend, device):
+    h, w, t = _inputs(20, 16, 50, device)
+    ref = _loss_and_grads(_reference, h.double(), w.double(), t)
+    hd = h.detach().clone().requires_grad_()
+    ops.linear_cross_entropy(hd, w.detach(), t, chunk_size=6, backend=backend).backward()
+    torch.testing.assert_close(hd.grad.double(), ref["d input"], rtol=1e-4, atol=1e-6)
+    wd = w.detach().clone().requires_grad_()
+    ops.linear_cross_entropy(h.detach(), wd, t, chunk_size=6, backend=backend).backward()
+    torch.testing.assert_close(wd.grad.double(), ref["d weight"], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        loss = ops.linear_cross_entropy(h, w, t, chunk_size=6, backend=backend)
+    torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_upstream_gradient_scales_both(backend, device):
+    h, w, t = _inputs(9, 8, 11, device)
+    a = _loss_and_grads(lambda h, w, t: 3.0 * ops.linear_cross_entropy(h, w, t, backend=backend), h, w, t)
+    b = _loss_and_grads(lambda h, w, t: 3.0 * _reference(h, w, t), h, w, t)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_all_targets_ignored_gives_nan_like_torch(backend, device):
+    h, w, t = _inputs(4, 8, 6, device)
+    t.fill_(-100)
+    assert torch.isnan(ops.linear_cross_entropy(h, w, t, backend=backend))
+    assert torch.isnan(_reference(h, w, t))
+
+
+def test_float64_is_exact_to_float64_rounding():
+    h, w, t = _inputs(30, 16, 70, "cpu", ignored=4, dtype=torch.float64)
+    ours = _loss_and_grads(lambda h, w, t: ops.linear_cross_entropy(h, w, t, chunk_size=7, backend="cpu"), h, w, t)
+    ref = _loss_and_grads(_reference, h, w, t)
+    for name in ref:
+        assert ours[name].dtype == torch.float64
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-12, atol=1e-14)
+
+
+def test_compiles_fullgraph():
+    h, w, t = _inputs(40, 16, 30, "cpu", ignored=3)
+    fn = torch.compile(lambda h, w, t: ops.linear_cross_entropy(h, w, t, chunk_size=16, backend="cpu"),
+                       fullgraph=True)
+    _check_against_float64(_loss_and_grads(fn, h, w, t), h, w, t)
+
+
+def test_bfloat16_autocast_close_to_float32():
+    h, w, t = _inputs(64, 32, 100, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _loss_and_grads(lambda h, w, t: ops.linear_cross_entropy(h, w, t, chunk_size=20, backend="cpu"), h, w, t)
+    ref = _loss_and_grads(_reference, h.double(), w.double(), t)
+    assert ours["d input"].dtype == torch.float32 and ours["d weight"].dtype == torch.float32
+    for name, r in ref.items():
+        err = (ours[name].double() - r).abs().max().item() / r.abs().max().item()
+        assert err < 3e-2, f"{name}: relative error {err:.2e} under bfloat16 autocast"
+
+
+def test_bad_input_raises(backend, device):
+    h, w, t = _inputs(5, 8, 10, device)
+    with pytest.raises(ValueError, match="input's last dim"):
+        ops.linear_cross_entropy(h[:, :4], w, t, backend=backend)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ops.linear_cross_entropy(h, w[0], t, backend=backend)
+    with pytest.raises(ValueError, match="target of shape"):
+        ops.linear_cross_entropy(h, w, t[:3], backend=backend)
+    with pytest.raises(TypeError, match="target must be int32 or int64"):
+        ops.linear_cross_entropy(h, w, t.float(), backend=backend)
+    with pytest.raises(IndexError, match="target 10 is out of range"):
+        ops.linear_cross_entropy(h, w, torch.full_like(t, 10), backend=backend)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ops.linear_cross_entropy(h, w, t, chunk_size=0, backend=backend)
