@@ -28,7 +28,8 @@ from fastlm.model import Transformer, TransformerConfig
 def _shapes(device: torch.device, quick: bool) -> dict[str, tuple[int, int]]:
     """preset -> (batch, seq_len) of the training case, sized to the device."""
     if device.type == "cuda":
-        return {"tiny": (32, 128), "small": (16, 512)}
+        # gpt2 is the shape that matters on a GPU; the quick run (a time-limited check) keeps to it.
+        return {"gpt2": (8, 1024)} if quick else {"small": (16, 512), "gpt2": (8, 1024)}
     return {"tiny": (8, 128), "small": (1, 128)} if quick else {"tiny": (16, 128), "small": (2, 256)}
 
 
@@ -56,12 +57,13 @@ def _compiled(fn):
     return run
 
 
-def _competitors(model: Transformer, device: torch.device, call) -> dict:
+def _competitors(model: Transformer, device: torch.device, call, compile: bool = True) -> dict:
     """name -> fn, where call(model, backend, *inputs) runs the model on one backend."""
     impls = {f"fastlm-{b}": functools.partial(call, model, b)
              for b in backends.available(device.type) if b != "torch"}
     impls["torch"] = functools.partial(call, model, "torch")
-    impls["torch.compile"] = _compiled(functools.partial(call, model, "torch"))
+    if compile:
+        impls["torch.compile"] = _compiled(functools.partial(call, model, "torch"))
     return impls
 
 
@@ -89,6 +91,9 @@ def _decode(model, backend, ids, caches, ctx):
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    # Compiling gpt2 takes most of a minute per graph: a quick GPU run compiles only the training
+    # step (here and in `extra`), where the comparison with torch.compile is the point.
+    compile_inference = not (device.type == "cuda" and quick)
     out = []
     for preset, (b, t) in _shapes(device, quick).items():
         model = _model(preset, device, dtype)
@@ -110,7 +115,8 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         out.append(Case(
             op="model", name=f"{preset} prefill {b}x{prompt}", shape=(b, prompt), dtype=dtype,
             make=functools.partial(lambda b, p, v: (torch.randint(0, v, (b, p), device=device), ), b, prompt, v),
-            impls={k: functools.partial(fn, caches=caches) for k, fn in _competitors(model, device, _prefill).items()},
+            impls={k: functools.partial(fn, caches=caches)
+                   for k, fn in _competitors(model, device, _prefill, compile_inference).items()},
             metric="TFLOP/s", work={"fwd": _flops_fwd(model, b * prompt, prompt, causal=True)}, passes=("fwd",),
         ))
 
@@ -121,7 +127,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             op="model", name=f"{preset} decode {b}@{ctx}", shape=(b, ctx), dtype=dtype,
             make=functools.partial(lambda b, v: (torch.randint(0, v, (b, 1), device=device), ), b, v),
             impls={k: functools.partial(fn, caches=caches, ctx=ctx)
-                   for k, fn in _competitors(model, device, _decode).items()},
+                   for k, fn in _competitors(model, device, _decode, compile_inference).items()},
             metric="TFLOP/s", work={"fwd": _flops_fwd(model, b, ctx, causal=False)}, passes=("fwd",),
         ))
     return out
