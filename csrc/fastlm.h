@@ -84,6 +84,17 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                             const OptTensor& zeros, const OptTensor& bias, int64_t bits,
                             int64_t group_size);
 
+// Bias + GELU: y = gelu(x + bias) for x (M, N) contiguous and bias (N) in x's dtype or absent;
+// tanh picks the tanh approximation, else the exact (erf) GELU. Computed in float32 (float64 for
+// float64 input), x + bias never rounded to x's dtype. Returns y in x's dtype.
+at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const OptTensor& bias, bool tanh);
+
+// Gradients of bias_gelu_fwd from the saved input x: dx = dy * gelu'(x + bias) in x's dtype, and
+// with need_dbias the column sum of dx over the M rows, accumulated and returned in float32
+// (float64 for float64 input); an empty tensor without.
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                     const OptTensor& bias, bool tanh, bool need_dbias);
+
 #ifdef FASTLM_WITH_CUDA
 at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const OptTensor& zeros, const OptTensor& bias, int64_t bits,
@@ -109,6 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, const OptTensor& dh, bool rms, bool has_bias);
+at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const OptTensor& bias, bool tanh);
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                      const OptTensor& bias, bool tanh, bool need_dbias);
 #endif
 
 }  // namespace fastlm

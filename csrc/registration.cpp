@@ -22,6 +22,8 @@ TORCH_LIBRARY(fastlm_C, m) {
         " -> Tensor");
   m.def("quant_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits,"
         " int group_size) -> Tensor");
+  m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
@@ -34,6 +36,8 @@ TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("attention_bwd", &fastlm::attention_bwd_cpu);
   m.impl("decode_attention", &fastlm::decode_attention_cpu);
   m.impl("quant_matmul", &fastlm::quant_matmul_cpu);
+  m.impl("bias_gelu_fwd", &fastlm::bias_gelu_fwd_cpu);
+  m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cpu);
 }
 
 #ifdef FASTLM_WITH_CUDA
@@ -47,5 +51,7 @@ TORCH_LIBRARY_IMPL(fastlm_C, CUDA, m) {
   m.impl("attention_bwd", &fastlm::attention_bwd_cuda);
   m.impl("decode_attention", &fastlm::decode_attention_cuda);
   m.impl("quant_matmul", &fastlm::quant_matmul_cuda);
+  m.impl("bias_gelu_fwd", &fastlm::bias_gelu_fwd_cuda);
+  m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cuda);
 }
 #endif

@@ -313,7 +313,35 @@ def quant_matmul_specs() -> list[Spec]:
     return specs
 
 
-SPEC_BUILDERS = [norm_specs, embedding_specs, attention_specs, quant_matmul_specs]
+def activation_specs() -> list[Spec]:
+    from kernels import activation
+
+    specs = []
+    for dt in DTYPES:
+        # A typical MLP width (full tiles, N divisible by 16) and a ragged one (masked columns).
+        for N, aligned in ((3072, True), (1000, False)):
+            block_m, block_n, warps = activation.tile(8192, N, True)
+            div = ("N",) if aligned else ()
+            for tanh in (True, False):
+                for has_b in (True, False):
+                    tag = f"{'tanh' if tanh else 'erf'}{',b' if has_b else ''},N={N}"
+                    specs.append(Spec(
+                        f"bias_gelu_fwd[{tag}]", dt, activation._bias_gelu_fwd_kernel,
+                        {"X": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}", "M": "i32", "N": "i32"},
+                        {"HAS_B": has_b, "TANH": tanh, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, div,
+                    ))
+                    for need_db in ((True, False) if has_b else (False,)):
+                        specs.append(Spec(
+                            f"bias_gelu_bwd[{tag}{',db' if need_db else ''}]", dt, activation._bias_gelu_bwd_kernel,
+                            {"DY": f"*{dt}", "X": f"*{dt}", "B": f"*{dt}", "DX": f"*{dt}", "DB_part": "*fp32",
+                             "M": "i32", "N": "i32"},
+                            {"HAS_B": has_b, "NEED_DB": need_db, "TANH": tanh, "BLOCK_M": block_m,
+                             "BLOCK_N": block_n}, warps, div,
+                        ))
+    return specs
+
+
+SPEC_BUILDERS = [norm_specs, embedding_specs, attention_specs, quant_matmul_specs, activation_specs]
 
 
 def main(argv: list[str]) -> int:

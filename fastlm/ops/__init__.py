@@ -1,5 +1,6 @@
 """Functional ops: swap `torch.nn.functional.X` for `fastlm.ops.X`; each takes `backend=`."""
 
+from fastlm.ops.activation import bias_gelu
 from fastlm.ops.attention import decode_attention, scaled_dot_product_attention
 from fastlm.ops.cross_entropy import linear_cross_entropy
 from fastlm.ops.embedding import embedding, token_position_embedding
@@ -9,4 +10,5 @@ from fastlm.ops.quant_matmul import quant_linear
 __all__ = [
     "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "embedding", "token_position_embedding",
     "scaled_dot_product_attention", "decode_attention", "quant_linear", "linear_cross_entropy",
+    "bias_gelu",
 ]

@@ -1,0 +1,312 @@
+// Bias + GELU on the CPU: y = gelu(x + bias), forward and backward, parallel over tiles of rows.
+//
+// Both GELUs are written around one exponential per element, on eight lanes:
+//   tanh:  0.5 v (1 + tanh(u)) = v * s,  s = 1 / (1 + e),  e = exp(-2u),  u = sqrt(2/pi) (v + 0.044715 v^3)
+//          gelu'(v) = s + v * 2u'(v) * e * s^2        (s (1 - s) = e s^2: no cancellation near s = 1)
+//   erf:   v * Phi(v), Phi(v) = 1 - erfc(z) / 2 for v >= 0 and erfc(z) / 2 below, z = |v| / sqrt(2)
+//          gelu'(v) = Phi(v) + v * exp(-v^2 / 2) / sqrt(2 pi)
+// erfc(z) = exp(-z^2) * P(t), t = 1 / (1 + p z), is the rational form of Abramowitz and Stegun
+// (7.1.26, absolute error below 1.5e-7); the exp(-z^2) it needs is also the derivative's Gaussian,
+// so the backward pays for one exponential too. Taking Phi from erfc instead of 1 + erf keeps the
+// left tail relatively accurate rather than absolutely.
+//
+// A row's tail (N not a multiple of 8) goes through the same vector code from a padded buffer, so
+// an element's result does not depend on where it sits. float64 takes plain loops over std::tanh
+// and std::erfc (it exists for gradcheck). dbias is summed as norm.cpp sums dweight: each part
+// (a band of rows) into its own float partial row, the partial rows added in a fixed order after.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "cpu/vec.h"
+#include "fastlm.h"
+
+namespace fastlm {
+namespace {
+
+using vec::kW;
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kCubic = 0.044715f;
+constexpr float kRsqrt2 = 0.7071067811865476f;
+constexpr float kRsqrt2Pi = 0.3989422804014327f;
+
+// e^x, accurate to about one ulp for x in [-80, 80] (clamped there: e^80 squared still fits
+// a float's range in the backward's e * s^2, so no lane reaches inf * 0). Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2 / 2, then a degree-7 polynomial for e^r (Cephes' expf coefficients).
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.f)), _mm256_set1_ps(80.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// -2u(v) and, for the backward, 2u'(v).
+inline __m256 minus_2u(__m256 v, __m256 v2) {
+  const __m256 k = _mm256_set1_ps(-2.f * kSqrt2OverPi);
+  return _mm256_mul_ps(v, _mm256_fmadd_ps(v2, _mm256_set1_ps(-2.f * kSqrt2OverPi * kCubic), k));
+}
+inline __m256 du2(__m256 v2) {
+  return _mm256_fmadd_ps(v2, _mm256_set1_ps(6.f * kSqrt2OverPi * kCubic), _mm256_set1_ps(2.f * kSqrt2OverPi));
+}
+
+// Phi(v) for the erf GELU, given g = exp(-v^2 / 2).
+inline __m256 phi_cdf(__m256 v, __m256 g) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(kRsqrt2));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
+  __m256 q = _mm256_set1_ps(1.061405429f);
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-1.453152027f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.421413741f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.284496736f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.254829592f));
+  const __m256 half_erfc = _mm256_mul_ps(_mm256_mul_ps(q, t), _mm256_mul_ps(g, _mm256_set1_ps(0.5f)));
+  // v >= 0: 1 - erfc/2; v < 0: erfc/2. A NaN lane stays NaN through g.
+  const __m256 neg = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+  return _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), half_erfc), half_erfc, neg);
+}
+
+template <bool TANH>
+inline __m256 gelu_ps(__m256 v) {
+  const __m256 v2 = _mm256_mul_ps(v, v);
+  if constexpr (TANH) {
+    const __m256 e = exp_ps(minus_2u(v, v2));
+    return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+  } else {
+    const __m256 g = exp_ps(_mm256_mul_ps(v2, _mm256_set1_ps(-0.5f)));
+    return _mm256_mul_ps(v, phi_cdf(v, g));
+  }
+}
+
+template <bool TANH>
+inline __m256 gelu_grad_ps(__m256 v) {
+  const __m256 v2 = _mm256_mul_ps(v, v);
+  if constexpr (TANH) {
+    const __m256 e = exp_ps(minus_2u(v, v2));
+    const __m256 s = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+    const __m256 es2 = _mm256_mul_ps(_mm256_mul_ps(e, s), s);
+    return _mm256_fmadd_ps(_mm256_mul_ps(v, du2(v2)), es2, s);
+  } else {
+    const __m256 g = exp_ps(_mm256_mul_ps(v2, _mm256_set1_ps(-0.5f)));
+    return _mm256_fmadd_ps(_mm256_mul_ps(v, g), _mm256_set1_ps(kRsqrt2Pi), phi_cdf(v, g));
+  }
+}
+
+// Tiles: a run of up to kCols columns of one row, so that one long row still splits across
+// threads and short rows come many to a task.
+constexpr int64_t kCols = 4096;
+constexpr int64_t kGrainElems = 1 << 14;
+
+template <typename T>
+inline void load_tail(const T* p, int64_t n, float* buf) {
+  for (int64_t j = 0; j < kW; ++j) buf[j] = j < n ? static_cast<float>(p[j]) : 0.f;
+}
+
+template <typename T>
+inline void store_tail(T* p, int64_t n, const float* buf) {
+  for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
+}
+
+template <typename T, bool TANH>
+void fwd_vec(const T* x, const T* b, T* y, int64_t m, int64_t n) {
+  const int64_t chunks = (n + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(n, kCols));
+  at::parallel_for(0, m * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / chunks, c0 = (t % chunks) * kCols, c1 = std::min(n, c0 + kCols);
+      const T* xr = x + i * n;
+      T* yr = y + i * n;
+      int64_t j = c0;
+      for (; j + kW <= c1; j += kW) {
+        __m256 v = vec::load(xr + j);
+        if (b) v = _mm256_add_ps(v, vec::load(b + j));
+        vec::store(yr + j, gelu_ps<TANH>(v));
+      }
+      if (j < c1) {
+        alignas(32) float xv[kW], bv[kW];
+        load_tail(xr + j, c1 - j, xv);
+        __m256 v = _mm256_load_ps(xv);
+        if (b) {
+          load_tail(b + j, c1 - j, bv);
+          v = _mm256_add_ps(v, _mm256_load_ps(bv));
+        }
+        _mm256_store_ps(xv, gelu_ps<TANH>(v));
+        store_tail(yr + j, c1 - j, xv);
+      }
+    }
+  });
+}
+
+// dx = dy * gelu'(x + b); with db_part, each part also sums its rows' dx (in float, before
+// rounding to T) into its partial row.
+template <typename T, bool TANH>
+void bwd_vec(const T* dy, const T* x, const T* b, T* dx, float* db_part, int64_t nparts, int64_t m, int64_t n) {
+  auto row = [&](int64_t i, int64_t c0, int64_t c1, float* acc) {
+    const T* xr = x + i * n;
+    const T* gr = dy + i * n;
+    T* dxr = dx + i * n;
+    int64_t j = c0;
+    for (; j + kW <= c1; j += kW) {
+      __m256 v = vec::load(xr + j);
+      if (b) v = _mm256_add_ps(v, vec::load(b + j));
+      const __m256 d = _mm256_mul_ps(vec::load(gr + j), gelu_grad_ps<TANH>(v));
+      vec::store(dxr + j, d);
+      if (acc) _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), d));
+    }
+    if (j < c1) {
+      alignas(32) float xv[kW], bv[kW], gv[kW];
+      load_tail(xr + j, c1 - j, xv);
+      load_tail(gr + j, c1 - j, gv);
+      __m256 v = _mm256_load_ps(xv);
+      if (b) {
+        load_tail(b + j, c1 - j, bv);
+        v = _mm256_add_ps(v, _mm256_load_ps(bv));
+      }
+      _mm256_store_ps(xv, _mm256_mul_ps(_mm256_load_ps(gv), gelu_grad_ps<TANH>(v)));
+      store_tail(dxr + j, c1 - j, xv);
+      if (acc)
+        for (int64_t k = 0; k < c1 - j; ++k) acc[j + k] += xv[k];
+    }
+  };
+  if (db_part == nullptr) {
+    const int64_t chunks = (n + kCols - 1) / kCols;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(n, kCols));
+    at::parallel_for(0, m * chunks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t c0 = (t % chunks) * kCols;
+        row(t / chunks, c0, std::min(n, c0 + kCols), nullptr);
+      }
+    });
+    return;
+  }
+  const int64_t rows_per_part = (m + nparts - 1) / nparts;
+  at::parallel_for(0, nparts, 1, [&](int64_t pbegin, int64_t pend) {
+    for (int64_t p = pbegin; p < pend; ++p)
+      for (int64_t i = p * rows_per_part; i < std::min(m, (p + 1) * rows_per_part); ++i)
+        row(i, 0, n, db_part + p * n);
+  });
+}
+
+// float64: the textbook formulas.
+inline double gelu_f64(double v, bool tanh, double* grad) {
+  constexpr double k = 0.7978845608028654, c = 0.044715;
+  if (tanh) {
+    const double t = std::tanh(k * (v + c * v * v * v));
+    if (grad) *grad = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * k * (1 + 3 * c * v * v);
+    return 0.5 * v * (1 + t);
+  }
+  const double cdf = 0.5 * std::erfc(-v * 0.7071067811865476);
+  if (grad) *grad = cdf + v * std::exp(-0.5 * v * v) * 0.3989422804014327;
+  return v * cdf;
+}
+
+void fwd_f64(const double* x, const double* b, double* y, int64_t m, int64_t n, bool tanh) {
+  at::parallel_for(0, m, std::max<int64_t>(1, kGrainElems / n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t j = 0; j < n; ++j) y[i * n + j] = gelu_f64(x[i * n + j] + (b ? b[j] : 0.0), tanh, nullptr);
+  });
+}
+
+void bwd_f64(const double* dy, const double* x, const double* b, double* dx, double* db_part, int64_t nparts,
+             int64_t m, int64_t n, bool tanh) {
+  const int64_t rows_per_part = (m + nparts - 1) / nparts;
+  at::parallel_for(0, nparts, 1, [&](int64_t pbegin, int64_t pend) {
+    for (int64_t p = pbegin; p < pend; ++p) {
+      for (int64_t i = p * rows_per_part; i < std::min(m, (p + 1) * rows_per_part); ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          double g;
+          gelu_f64(x[i * n + j] + (b ? b[j] : 0.0), tanh, &g);
+          const double d = dy[i * n + j] * g;
+          dx[i * n + j] = d;
+          if (db_part) db_part[p * n + j] += d;
+        }
+      }
+    }
+  });
+}
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+template <typename T>
+const T* ptr_or_null(const OptTensor& t) {
+  return present(t) ? t->data_ptr<T>() : nullptr;
+}
+
+// fastlm/ops/activation.py validates arguments; these keep direct callers in bounds.
+void check_args(const char* op, const at::Tensor& x, const OptTensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous 2-D tensor, got shape ", x.sizes());
+  if (present(bias)) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1) && bias->is_contiguous(), op,
+                ": bias must be a contiguous tensor of shape (", x.size(1), "), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
+                ": bias must have x's dtype and device");
+  }
+}
+
+}  // namespace
+
+at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const OptTensor& bias, bool tanh) {
+  check_args("bias_gelu_fwd", x, bias);
+  const int64_t m = x.size(0), n = x.size(1);
+  auto y = at::empty_like(x);
+  if (m == 0 || n == 0) return y;
+  if (x.scalar_type() == at::kDouble) {
+    fwd_f64(x.data_ptr<double>(), ptr_or_null<double>(bias), y.data_ptr<double>(), m, n, tanh);
+    return y;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bias_gelu_fwd_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const auto* xp = x.data_ptr<scalar_t>();
+      const auto* bp = ptr_or_null<scalar_t>(bias);
+      auto* yp = y.data_ptr<scalar_t>();
+      if (tanh) fwd_vec<scalar_t, true>(xp, bp, yp, m, n); else fwd_vec<scalar_t, false>(xp, bp, yp, m, n);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const OptTensor& bias,
+                                                     bool tanh, bool need_dbias) {
+  check_args("bias_gelu_bwd", x, bias);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
+              "bias_gelu_bwd: dy must be contiguous, with x's shape and dtype");
+  const int64_t m = x.size(0), n = x.size(1);
+  const bool f64 = x.scalar_type() == at::kDouble;
+  auto dx = at::empty_like(x);
+  auto acc_opt = x.options().dtype(f64 ? at::kDouble : at::kFloat);
+  const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m));
+  auto db_part = need_dbias ? at::zeros({nparts, n}, acc_opt) : at::empty({0}, acc_opt);
+  if (m > 0 && n > 0 && f64) {
+    bwd_f64(dy.data_ptr<double>(), x.data_ptr<double>(), ptr_or_null<double>(bias), dx.data_ptr<double>(),
+            need_dbias ? db_part.data_ptr<double>() : nullptr, nparts, m, n, tanh);
+  } else if (m > 0 && n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bias_gelu_bwd_cpu", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        const auto* gp = dy.data_ptr<scalar_t>();
+        const auto* xp = x.data_ptr<scalar_t>();
+        const auto* bp = ptr_or_null<scalar_t>(bias);
+        auto* dxp = dx.data_ptr<scalar_t>();
+        float* dbp = need_dbias ? db_part.data_ptr<float>() : nullptr;
+        if (tanh) bwd_vec<scalar_t, true>(gp, xp, bp, dxp, dbp, nparts, m, n);
+        else bwd_vec<scalar_t, false>(gp, xp, bp, dxp, dbp, nparts, m, n);
+      }
+    });
+  }
+  auto db = need_dbias ? db_part.sum(0) : at::empty({0}, acc_opt);
+  return {dx, db};
+}
+
+}  // namespace fastlm

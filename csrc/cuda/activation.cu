@@ -1,0 +1,286 @@
+// Bias + GELU on CUDA: fastlm::bias_gelu_fwd_cuda and bias_gelu_bwd_cuda (contract: fastlm.h).
+// Compiled (nvcc -arch=sm_90), not yet run on a GPU.
+//
+// Memory-bound elementwise work: every input byte read once, every output byte written once, in
+// 16-byte accesses when N and the pointers allow it. Forward: a grid-stride loop over packs of the
+// flattened (M, N) tensor; a pack never straddles two rows since the pack width divides N.
+// Backward: block (32, 8) over a strip of 32 packs of columns; the 8 thread rows step down the
+// rows, each thread keeping its columns' dbias sums in registers. The block adds its 8 thread rows
+// in shared memory, in a fixed order, and writes one float32 partial row; a second kernel sums
+// the partial rows column by column. Deterministic, no atomics.
+// The math follows csrc/cpu/activation.cpp: tanh GELU as v * s, s = 1 / (1 + exp(-2u)), so that
+// gelu' = s + v * 2u' * e * s^2 from one exponential; exact GELU as v * Phi(v) from erfcf.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "fastlm.h"
+
+namespace fastlm {
+namespace {
+
+using cuda::dispatch_float;
+using cuda::Pack;
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kCubic = 0.044715f;
+constexpr float kRsqrt2 = 0.7071067811865476f;
+constexpr float kRsqrt2Pi = 0.3989422804014327f;
+
+template <bool TANH>
+__device__ __forceinline__ float gelu(float v) {
+  if constexpr (TANH) {
+    const float e = __expf(fminf(-2.f * kSqrt2OverPi * v * (1.f + kCubic * v * v), 80.f));
+    return v / (1.f + e);
+  } else {
+    // erfc keeps the left tail relatively accurate, where 1 + erf would cancel.
+    return v * 0.5f * erfcf(-v * kRsqrt2);
+  }
+}
+
+template <bool TANH>
+__device__ __forceinline__ float gelu_grad(float v) {
+  if constexpr (TANH) {
+    // Clamped so that e * s * s never meets inf * 0.
+    const float e = __expf(fminf(-2.f * kSqrt2OverPi * v * (1.f + kCubic * v * v), 80.f));
+    const float s = 1.f / (1.f + e);
+    return s + v * (2.f * kSqrt2OverPi * (1.f + 3.f * kCubic * v * v)) * (e * s * s);
+  } else {
+    return 0.5f * erfcf(-v * kRsqrt2) + v * __expf(-0.5f * v * v) * kRsqrt2Pi;
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = static_cast<float>(pk.v[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pk.v[j] = static_cast<T>(in[j]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+template <typename T, int VEC, bool TANH>
+__global__ void fwd_kernel(const T* __restrict__ x, const T* __restrict__ b, T* __restrict__ y,
+                           int64_t packs, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
+    const int64_t i = p * VEC;
+    float v[VEC];
+    load(x + i, v);
+    if (b != nullptr) {
+      float bv[VEC];
+      load(b + i % n, bv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] += bv[j];
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = gelu<TANH>(v[j]);
+    store(y + i, v);
+  }
+}
+
+constexpr int kBwdX = 32, kBwdY = 8;
+
+// Block (32, 8): thread (tx, ty) owns columns [c, c + VEC), c = (blockIdx.x * 32 + tx) * VEC,
+// of rows blockIdx.y * 8 + ty, stepping by gridDim.y * 8.
+template <typename T, int VEC, bool TANH>
+__global__ void __launch_bounds__(kBwdX * kBwdY) bwd_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ b, T* __restrict__ dx,
+    float* __restrict__ db_part, int64_t m, int64_t n) {
+  __shared__ float s_db[kBwdY][kBwdX * VEC];
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * kBwdX + threadIdx.x) * VEC;
+  const bool active = col < n;
+  float bv[VEC], acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) bv[j] = acc[j] = 0.f;
+  if (active && b != nullptr) load(b + col, bv);
+  if (active) {
+    for (int64_t row = static_cast<int64_t>(blockIdx.y) * kBwdY + threadIdx.y; row < m;
+         row += static_cast<int64_t>(gridDim.y) * kBwdY) {
+      const int64_t off = row * n + col;
+      float v[VEC], g[VEC];
+      load(x + off, v);
+      load(dy + off, g);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        g[j] *= gelu_grad<TANH>(v[j] + bv[j]);
+        acc[j] += g[j];
+      }
+      store(dx + off, g);
+    }
+  }
+  if (db_part == nullptr) return;  // uniform across the block: no barrier is skipped by some only
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s_db[threadIdx.y][threadIdx.x * VEC + j] = acc[j];
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < kBwdY; ++k) s += s_db[k][threadIdx.x * VEC + j];
+      db_part[static_cast<int64_t>(blockIdx.y) * n + col + j] = s;
+    }
+  }
+}
+
+// db[c] = sum over p of part[p][c], in p order.
+__global__ void sum_partials_kernel(const float* __restrict__ part, int64_t parts, int64_t n, float* __restrict__ db) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= n) return;
+  float s = 0.f;
+  for (int64_t p = 0; p < parts; ++p) s += part[p * n + col];
+  db[col] = s;
+}
+
+// ---- host -------------------------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+template <typename T>
+const T* ptr_or_null(const OptTensor& t) {
+  return present(t) ? t->data_ptr<T>() : nullptr;
+}
+
+int sm_count(const at::Tensor& x) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return sms;
+}
+
+// fastlm/ops/activation.py validates arguments; these checks turn a broken contract into an
+// exception rather than an illegal memory access.
+void check_args(const char* op, const at::Tensor& x, const OptTensor& bias) {
+  TORCH_CHECK(x.is_cuda(), op, " (cuda): x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, " (cuda): x must be a contiguous 2-D tensor, got shape ",
+              x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op,
+              " (cuda): the cuda backend supports float16, bfloat16 and float32; x has dtype ", dt);
+  if (present(bias)) {
+    TORCH_CHECK(bias->device() == x.device(), op, " (cuda): bias is on ", bias->device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(bias->scalar_type() == dt, op, " (cuda): bias has dtype ", bias->scalar_type(), ", expected ", dt);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1) && bias->is_contiguous(), op,
+                " (cuda): bias must be a contiguous tensor of shape (", x.size(1), "), got ", bias->sizes());
+  }
+}
+
+template <typename T, int VEC>
+void run_fwd(const T* x, const T* b, T* y, int64_t m, int64_t n, bool tanh, int sms, cudaStream_t stream) {
+  const int64_t packs = m * n / VEC;
+  constexpr int kBlock = 256;
+  // Enough resident blocks to fill every SM; the grid-stride loop covers the rest.
+  const int64_t grid = std::min<int64_t>(ceil_div(packs, kBlock), static_cast<int64_t>(sms) * 8);
+  if (tanh) {
+    fwd_kernel<T, VEC, true><<<static_cast<unsigned int>(grid), kBlock, 0, stream>>>(x, b, y, packs, n);
+  } else {
+    fwd_kernel<T, VEC, false><<<static_cast<unsigned int>(grid), kBlock, 0, stream>>>(x, b, y, packs, n);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC>
+void run_bwd(const T* dy, const T* x, const T* b, T* dx, float* db, int64_t m, int64_t n, bool tanh, int sms,
+             const at::Tensor& like, cudaStream_t stream) {
+  const int64_t strips = ceil_div(n, static_cast<int64_t>(kBwdX) * VEC);
+  TORCH_CHECK(strips <= INT_MAX, "bias_gelu (cuda): rows too long");
+  // Without dbias, one block per 8 rows; with it, a few blocks per SM, so that the partial rows
+  // stay few. Either way at most 65535 row blocks (the grid's y limit); blocks loop over the rest.
+  const int64_t want = db == nullptr ? ceil_div(m, kBwdY) : ceil_div(4 * static_cast<int64_t>(sms), strips);
+  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(m, kBwdY), 65535}));
+  at::Tensor part;
+  float* part_ptr = nullptr;
+  if (db != nullptr) {
+    part = at::empty({row_blocks, n}, like.options().dtype(at::kFloat));
+    part_ptr = part.data_ptr<float>();
+  }
+  const dim3 grid(static_cast<unsigned int>(strips), static_cast<unsigned int>(row_blocks));
+  const dim3 block(kBwdX, kBwdY);
+  if (tanh) {
+    bwd_kernel<T, VEC, true><<<grid, block, 0, stream>>>(dy, x, b, dx, part_ptr, m, n);
+  } else {
+    bwd_kernel<T, VEC, false><<<grid, block, 0, stream>>>(dy, x, b, dx, part_ptr, m, n);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (db != nullptr) {
+    sum_partials_kernel<<<static_cast<unsigned int>(ceil_div(n, 256)), 256, 0, stream>>>(part_ptr, row_blocks, n,
+                                                                                         db);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const OptTensor& bias, bool tanh) {
+  check_args("bias_gelu_fwd", x, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), n = x.size(1);
+  auto y = at::empty_like(x);
+  if (m == 0 || n == 0) return y;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x);
+  dispatch_float(x.scalar_type(), "bias_gelu", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    const T* bp = ptr_or_null<T>(bias);
+    T* yp = y.data_ptr<T>();
+    constexpr int kVec = 16 / sizeof(T);
+    if (n % kVec == 0 && aligned16(xp) && aligned16(bp) && aligned16(yp)) {
+      run_fwd<T, kVec>(xp, bp, yp, m, n, tanh, sms, stream);
+    } else {
+      run_fwd<T, 1>(xp, bp, yp, m, n, tanh, sms, stream);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                      const OptTensor& bias, bool tanh, bool need_dbias) {
+  check_args("bias_gelu_bwd", x, bias);
+  TORCH_CHECK(dy.device() == x.device() && dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes() &&
+                  dy.is_contiguous(),
+              "bias_gelu_bwd (cuda): dy must be contiguous, with x's shape, dtype and device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), n = x.size(1);
+  auto dx = at::empty_like(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  // A sum over no rows is zeros.
+  auto db = need_dbias ? (m == 0 ? at::zeros({n}, f32) : at::empty({n}, f32)) : at::empty({0}, f32);
+  if (m == 0 || n == 0) return {dx, db};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x);
+  dispatch_float(x.scalar_type(), "bias_gelu", [&](auto tag) {
+    using T = decltype(tag);
+    const T* gp = dy.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* bp = ptr_or_null<T>(bias);
+    T* dxp = dx.data_ptr<T>();
+    float* dbp = need_dbias ? db.data_ptr<float>() : nullptr;
+    constexpr int kVec = 16 / sizeof(T);
+    if (n % kVec == 0 && aligned16(gp) && aligned16(xp) && aligned16(bp) && aligned16(dxp)) {
+      run_bwd<T, kVec>(gp, xp, bp, dxp, dbp, m, n, tanh, sms, x, stream);
+    } else {
+      run_bwd<T, 1>(gp, xp, bp, dxp, dbp, m, n, tanh, sms, x, stream);
+    }
+  });
+  return {dx, db};
+}
+
+}  // namespace fastlm

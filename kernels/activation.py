@@ -1,0 +1,181 @@
+"""Bias + GELU in Triton: y = gelu(x + bias), forward and backward.
+
+Launchers follow the contract of csrc/fastlm.h (bias_gelu_fwd_cpu / bias_gelu_bwd_cpu): 2-D
+contiguous (M, N) tensors, bias (N,) in x's dtype or None, dbias float32 or empty. All arithmetic
+is float32 whatever the storage dtype.
+
+Both passes tile (M, N) into BLOCK_M x BLOCK_N tiles: the bias tile is loaded once per program and
+broadcast down its rows. The tanh GELU is written as v * sigmoid(2u), whose derivative
+s + v * 2u' * s * (1 - s) needs one exponential; the exact GELU takes Phi from erf.
+Backward: a program walks a column strip of row tiles (stepping by the grid's height), writes dx
+and keeps its strip's share of dbias in registers; it stores one float32 partial row, and the
+partial rows are summed by torch afterwards. Partial rows instead of atomics: deterministic.
+Tested under TRITON_INTERPRET=1 and compiled for sm_90 (tools/check_triton.py); not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Constants a kernel reads must be constexpr globals.
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+CUBIC = tl.constexpr(0.044715)
+RSQRT_2 = tl.constexpr(0.7071067811865476)
+RSQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _gelu_and_grad(v, TANH: tl.constexpr, GRAD: tl.constexpr):
+    """gelu(v) or, with GRAD, gelu'(v), in float32."""
+    if TANH:
+        # e = exp(-2u), clamped so that e * s * s below never meets inf * 0.
+        a = -2.0 * SQRT_2_OVER_PI * v * (1.0 + CUBIC * v * v)
+        e = tl.exp(tl.minimum(a, 80.0))
+        s = 1.0 / (1.0 + e)
+        if GRAD:
+            out = s + v * (2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * v * v)) * (e * s * s)
+        else:
+            out = v * s
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(v * RSQRT_2))
+        if GRAD:
+            out = cdf + v * tl.exp(-0.5 * v * v) * RSQRT_2PI
+        else:
+            out = v * cdf
+    return out
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    X, B, Y, M, N,
+    HAS_B: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    # 64-bit offsets: M * N passes 2**31 for large activations.
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    v = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        v += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    y = _gelu_and_grad(v, TANH, False)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    DY, X, B, DX, DB_part, M, N,
+    HAS_B: tl.constexpr, NEED_DB: tl.constexpr, TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_B:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        v = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            v += b[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = dy * _gelu_and_grad(v, TANH, True)  # masked lanes: dy = 0, so dx = 0
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_DB:
+            db += dx
+    if NEED_DB:
+        # One reduction over the tile's rows at the end, not one per row tile.
+        tl.store(DB_part + pid_m * N + cols, tl.sum(db, axis=0), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"fastlm.kernels.activation: {msg}")
+
+
+def _check_args(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    _check(x.dim() == 2, f"x must be 2-D (M, N), got shape {tuple(x.shape)}")
+    _check(x.dtype in DTYPES, f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    _check(x.is_contiguous(), "x must be contiguous")
+    M, N = x.shape
+    if bias is not None:
+        _check(tuple(bias.shape) == (N,), f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        _check(bias.dtype == x.dtype, f"bias must have dtype {x.dtype} like x, got {bias.dtype}")
+        _check(bias.device == x.device, f"bias is on {bias.device} but x is on {x.device}")
+        _check(bias.is_contiguous(), "bias must be contiguous")
+    return M, N
+
+
+def tile(M: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). On a GPU about 4096 elements per tile (16 per thread at 8
+    warps); the interpreter runs programs one after another and wants few, large ones."""
+    if on_gpu:
+        block_n = min(triton.next_power_of_2(N), 1024)
+        return max(1, 4096 // block_n), block_n, 8
+    block_n = min(triton.next_power_of_2(N), 4096)
+    return min(triton.next_power_of_2(M), max(1, 16384 // block_n)), block_n, 4
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
+    """Returns gelu(x + bias) in x's dtype."""
+    M, N = _check_args(x, bias)
+    y = torch.empty_like(x)
+    if M == 0 or N == 0:
+        return y
+    block_m, block_n, warps = tile(M, N, x.device.type == "cuda")
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    # An absent bias still needs a pointer argument; x stands in, and HAS_B keeps it unread.
+    _bias_gelu_fwd_kernel[grid](
+        x, bias if bias is not None else x, y, M, N,
+        HAS_B=bias is not None, TANH=bool(tanh), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return y
+
+
+def bias_gelu_bwd(
+    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, tanh: bool, need_dbias: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dx in x's dtype, dbias float32 (N,) or empty without need_dbias)."""
+    M, N = _check_args(x, bias)
+    _check(dy.shape == x.shape and dy.dtype == x.dtype and dy.device == x.device and dy.is_contiguous(),
+           f"dy must be contiguous with x's shape, dtype and device, got {dy.dtype} {tuple(dy.shape)} "
+           f"on {dy.device}")
+    dx = torch.empty_like(x)
+    if M == 0 or N == 0:
+        return dx, (x.new_zeros(N, dtype=torch.float32) if need_dbias else x.new_empty(0, dtype=torch.float32))
+    on_gpu = x.device.type == "cuda"
+    block_m, block_n, warps = tile(M, N, on_gpu)
+    col_blocks = triton.cdiv(N, block_n)
+    row_tiles = triton.cdiv(M, block_m)
+    if on_gpu and need_dbias:
+        # Enough programs for a few per SM; more would only add partial rows to sum.
+        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        row_programs = max(1, min(row_tiles, triton.cdiv(4 * sms, col_blocks)))
+    else:
+        row_programs = row_tiles if on_gpu else min(row_tiles, 4)
+    db_part = (torch.empty((row_programs, N), dtype=torch.float32, device=x.device) if need_dbias
+               else x.new_empty(0, dtype=torch.float32))
+    _bias_gelu_bwd_kernel[(row_programs, col_blocks)](
+        dy, x, bias if bias is not None else x, dx, db_part if need_dbias else dx, M, N,
+        HAS_B=bias is not None, NEED_DB=bool(need_dbias), TANH=bool(tanh),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return dx, (db_part.sum(0) if need_dbias else db_part)
