@@ -10,7 +10,8 @@ Token embedding plus a learned position embedding (or rotary positions inside at
 pre-norm blocks (LayerNorm or RMSNorm) of causal self-attention and a GELU MLP, a final norm,
 and an output projection tied to the token embedding. Every norm of a block is fused with the
 residual add before it (fastlm.ops.add_layer_norm / add_rms_norm), so the residual stream is read
-once per norm instead of twice.
+once per norm instead of twice; the MLP's first bias add is fused into its GELU (ops.bias_gelu);
+the loss is taken a chunk of rows at a time, without the full logits (ops.linear_cross_entropy).
 
 `config.backend` (or `forward(..., backend=)`) runs the same weights through the torch reference
 path ("torch") or a fastlm backend ("cpu", "cuda", "triton"; None = the best available).
@@ -101,7 +102,11 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        if backends.choose("bias_gelu", x.device, None) == "torch":
+            h = F.gelu(self.fc(x), approximate="tanh")  # the reference: the bias inside the matmul
+        else:
+            h = ops.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias, approximate="tanh")
+        return self.dropout(self.proj(h))
 
 
 def _norm(cfg: TransformerConfig) -> nn.Module:
