@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlm import backends, ops
-from fastlm.nn import Embedding, LayerNorm, RMSNorm
+from fastlm.nn import Embedding, LayerNorm, QuantLinear, RMSNorm
 from fastlm.nn.self_attention import CausalSelfAttention, KVCache
 
 
@@ -102,10 +103,17 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if backends.choose("bias_gelu", x.device, None) == "torch":
-            h = F.gelu(self.fc(x), approximate="tanh")  # the reference: the bias inside the matmul
+        fc = self.fc
+        if type(fc) is nn.Linear:
+            matmul = functools.partial(F.linear, weight=fc.weight)
+        elif isinstance(fc, QuantLinear):  # after fastlm.quantize_(model)
+            matmul = functools.partial(ops.quant_linear, weight=fc.weight)
         else:
-            h = ops.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias, approximate="tanh")
+            matmul = None
+        if matmul is None or backends.choose("bias_gelu", x.device, None) == "torch":
+            h = F.gelu(fc(x), approximate="tanh")  # the reference: the bias inside the matmul
+        else:
+            h = ops.bias_gelu(matmul(x), fc.bias, approximate="tanh")
         return self.dropout(self.proj(h))
 
 
