@@ -14,8 +14,9 @@ still in cache. Backward then only scales the two stored gradients by the incomi
 matmuls are the same three as the unfused path (logits, d input, d weight), so no work is
 recomputed; what goes is the (N, V) tensor and the passes over it.
 
-The gradients are computed in the forward pass whenever input or weight requires grad, which
-suits training (the loss is always differentiated) and costs two matmuls when it is not.
+The gradients are computed in the forward pass whenever grad mode is on and input or weight
+requires grad, which suits training (the loss is always differentiated) and wastes two matmuls
+when it is not; under torch.no_grad only the loss is computed.
 
 The chunked path is built from torch ops (matmuls dominate it; a chunk's softmax is a few passes
 over data in cache), so it runs on every device; the "torch" backend is the unfused reference.
@@ -41,43 +42,49 @@ def _chunk_rows(device: torch.device, vocab: int) -> int:
     return max(_MIN_ROWS, _CHUNK_BYTES.get(device.type, 64 << 20) // (4 * vocab))
 
 
+def _chunked(h: Tensor, w: Tensor, target: Tensor, ignore_index: int, chunk: int, need_dh: bool,
+             need_dw: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """(mean loss, d(sum of losses)/dh or None, the same for w or None, count of valid targets)."""
+    n = h.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    wc = w.to(h.dtype)  # a weight in another dtype is cast to the input's, as in every fastlm op
+    valid = target != ignore_index
+    count = valid.sum()
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_dw else None
+    total = torch.zeros((), dtype=acc, device=h.device)
+    # Accumulate into the weight gradient in place where the dtypes allow (no (V, D) temporary
+    # per chunk); in low precision, and under autocast, the chunk's product comes back rounded.
+    in_place = h.dtype == acc and not torch.is_autocast_enabled(h.device.type)
+    for s in range(0, n, chunk):
+        hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
+        logits = (hc @ wc.t()).to(acc)
+        lse = torch.logsumexp(logits, dim=1)
+        safe = torch.where(vc, tc, 0)
+        picked = logits.gather(1, safe[:, None])[:, 0]
+        total += torch.where(vc, lse - picked, 0.0).sum()
+        if not (need_dh or need_dw):
+            continue
+        # d(sum of row losses)/d logits = softmax - onehot(target), zero on ignored rows.
+        g = logits.sub_(lse[:, None]).exp_()
+        g.scatter_add_(1, safe[:, None], -vc[:, None].to(g.dtype))
+        g.mul_(vc[:, None])
+        g = g.to(h.dtype)
+        if dh is not None:
+            dh[s:s + chunk] = g @ wc
+        if dw is not None:
+            if in_place:
+                dw.addmm_(g.t(), hc)
+            else:
+                dw += g.t() @ hc
+    return total / count, dh, dw, count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, target: Tensor, ignore_index: int, chunk: int) -> Tensor:
-        n = h.shape[0]
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        wc = w.to(h.dtype)  # a weight in another dtype is cast to the input's, as in every fastlm op
-        valid = target != ignore_index
-        count = valid.sum()
-        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=acc, device=h.device)
-        # Accumulate into the weight gradient in place where the dtypes allow (no (V, D) temporary
-        # per chunk); in low precision, and under autocast, the chunk's product comes back rounded.
-        in_place = h.dtype == acc and not torch.is_autocast_enabled(h.device.type)
-        for s in range(0, n, chunk):
-            hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
-            logits = (hc @ wc.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=1)
-            safe = torch.where(vc, tc, 0)
-            picked = logits.gather(1, safe[:, None])[:, 0]
-            total += torch.where(vc, lse - picked, 0.0).sum()
-            if not grad:
-                continue
-            # d(sum of row losses)/d logits = softmax - onehot(target), zero on ignored rows.
-            g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, safe[:, None], -vc[:, None].to(g.dtype))
-            g.mul_(vc[:, None])
-            g = g.to(h.dtype)
-            if dh is not None:
-                dh[s:s + chunk] = g @ wc
-            if dw is not None:
-                if in_place:
-                    dw.addmm_(g.t(), hc)
-                else:
-                    dw += g.t() @ hc
-        loss = total / count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy
+        loss, dh, dw, count = _chunked(h, w, target, ignore_index, chunk, ctx.needs_input_grad[0],
+                                       ctx.needs_input_grad[1])
         ctx.save_for_backward(dh if dh is not None else h.new_empty(0),
                               dw if dw is not None else w.new_empty(0), count)
         ctx.w_dtype = w.dtype
@@ -132,4 +139,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, ignore_i
     if backend == "torch":
         return F.cross_entropy(F.linear(h, weight).float(), t.long(), ignore_index=ignore_index)
     chunk = chunk_size or _chunk_rows(input.device, weight.shape[0])
+    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
+        # Evaluation: the same chunks, no gradient formed. (The autograd.Function cannot tell:
+        # it sees requires_grad, and grad mode always reads off inside its forward.)
+        return _chunked(h.contiguous(), weight, t, ignore_index, chunk, False, False)[0]
     return _LinearCrossEntropy.apply(h.contiguous(), weight, t, ignore_index, chunk)
