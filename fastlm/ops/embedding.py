@@ -159,11 +159,21 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *, 
         _check_range("embedding", input, weight.shape[0])
         return F.embedding(input, weight, padding_idx)
     _checks.backend_dtype("embedding", backend, weight)
-    out = torch.ops.fastlm.embedding_fwd(
-        input.reshape(-1).contiguous(), weight.contiguous(), -1 if padding_idx is None else padding_idx,
-        torch.are_deterministic_algorithms_enabled(), backend,
-    )
+    ids, table = input.reshape(-1).contiguous(), weight.contiguous()
+    if _direct(weight):
+        out = _kernels(backend)[0](ids, table)
+    else:
+        out = torch.ops.fastlm.embedding_fwd(ids, table, -1 if padding_idx is None else padding_idx,
+                                             torch.are_deterministic_algorithms_enabled(), backend)
     return out.view(*input.shape, weight.shape[1])
+
+
+def _direct(*tables: Tensor) -> bool:
+    """Whether a lookup may run the kernel itself, skipping the custom op's Python layers (about
+    100 us a call, docs/design.md): outside torch.compile, with no gradient to track."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tables))
 
 
 def token_position_embedding(
@@ -193,8 +203,10 @@ def token_position_embedding(
         return F.embedding(ids, token_weight) + position_weight[start_pos:start_pos + t]
     _checks.backend_dtype(op, backend, token_weight)
     ids2 = ids.reshape(-1, t).contiguous()
-    out = torch.ops.fastlm.tok_pos_embedding_fwd(
-        ids2, token_weight.contiguous(), position_weight.contiguous(), start_pos,
-        torch.are_deterministic_algorithms_enabled(), backend,
-    )
+    tok, pos = token_weight.contiguous(), position_weight.contiguous()
+    if _direct(token_weight, position_weight):
+        out = _kernels(backend)[1](ids2, tok, pos, start_pos)
+    else:
+        out = torch.ops.fastlm.tok_pos_embedding_fwd(ids2, tok, pos, start_pos,
+                                                     torch.are_deterministic_algorithms_enabled(), backend)
     return out.view(*ids.shape, token_weight.shape[1])
