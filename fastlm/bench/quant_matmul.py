@@ -1,4 +1,6 @@
-"""Benchmark cases for the weight-only quantized linear: y = x W^T, K = N = 4096, M rows of x.
+"""Benchmark cases for the weight-only quantized linear: y = x W^T, K = N = 4096, M rows of x;
+and, in full runs, the four linear layers of a gpt2-preset block (qkv 2304x768, attention output
+768x768, MLP 3072x768 and 768x3072) at M = 1 and 16.
 
 A quantized linear layer exists to read fewer weight bytes, so bytes are the metric and copy
 bandwidth the ceiling. Each competitor is credited with what it must move:
@@ -39,6 +41,8 @@ QUICK_MS = (1, 16)
 # (bits, group_size, symmetric)
 CONFIGS = ((8, K, True), (4, 128, True), (4, 128, False))
 QUICK_CONFIGS = CONFIGS[:2]
+# The four linear layers of a block of the thin model's gpt2 preset, (N, K); full runs only.
+MODEL_SHAPES = {"qkv": (2304, 768), "attn-out": (768, 768), "mlp-in": (3072, 768), "mlp-out": (768, 3072)}
 
 
 def _llc_bytes(device: torch.device) -> int:
@@ -86,12 +90,12 @@ class _Ring:
 
 
 @functools.cache
-def _weights(bits: int, group: int, sym: bool, dtype: torch.dtype, device: torch.device):
-    """Rings of the weight for every competitor, shared by the cases of each M; and the quantized
-    weight's bytes."""
-    w = torch.randn(N, K, device=device, dtype=torch.float32)
+def _weights(bits: int, group: int, sym: bool, dtype: torch.dtype, device: torch.device, n: int = N, k: int = K):
+    """Rings of the (n, k) weight for every competitor, shared by the cases of each M; and the
+    quantized weight's bytes."""
+    w = torch.randn(n, k, device=device, dtype=torch.float32)
     qw = quant.quantize(w, bits, group, sym)
-    rings = {"dense": _Ring(w.to(dtype), N * K * torch.finfo(dtype).bits // 8, device),
+    rings = {"dense": _Ring(w.to(dtype), n * k * torch.finfo(dtype).bits // 8, device),
              "fastlm": _Ring(qw, qw.nbytes(), device)}
     if bits == 8 and hasattr(torch, "_weight_int8pack_mm"):
         rings["int8pack"] = _Ring((qw.qweight, qw.scales[:, 0].to(dtype).contiguous()), qw.nbytes(), device)
@@ -112,34 +116,44 @@ def _with_group(packed_and_sz, group):
     return packed, group, sz
 
 
-def _make(m: int, dtype: torch.dtype, device: torch.device):
-    return (torch.randn(m, K, device=device, dtype=dtype),)
+def _make(m: int, k: int, dtype: torch.dtype, device: torch.device):
+    return (torch.randn(m, k, device=device, dtype=dtype),)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    s = torch.finfo(dtype).bits // 8
     out = []
     for bits, group, sym in QUICK_CONFIGS if quick else CONFIGS:
-        rings, qbytes = _weights(bits, group, sym, dtype, device)
-        kind = "int8" if bits == 8 else f"int4/{group}{'' if sym else ' asym'}"
-        ideal = N * K * s / qbytes
-        for m in QUICK_MS if quick else MS:
-            impls = {"torch": lambda x, r=rings["dense"]: F.linear(x, r.next())}
-            for b in backends.available(device.type):
-                if b != "torch":
-                    impls[f"fastlm-{b}"] = lambda x, r=rings["fastlm"], b=b: ops.quant_linear(x, r.next(), backend=b)
-            # torch's packed kernels take seconds a call at large M on the CPU: decode sizes only.
-            if "int8pack" in rings and m <= 8:
-                impls["torch int8pack"] = lambda x, r=rings["int8pack"]: torch._weight_int8pack_mm(x, *r.next())
-            if "int4pack" in rings and m <= 8:
-                impls["torch int4pack"] = lambda x, r=rings["int4pack"], g=group: torch._weight_int4pack_mm_for_cpu(
-                    x, *_with_group(r.next(), g))
-            io = m * (K + N) * s
-            work = {name: {"fwd": io + (N * K * s if name == "torch" else qbytes)} for name in impls}
-            out.append(Case(
-                op="quant_matmul", name=f"{kind} M={m} ({ideal:.1f}x)", shape=(m, K, N), dtype=dtype,
-                make=functools.partial(_make, m, dtype, device), impls=impls,
-                work={"fwd": io + qbytes}, impl_work=work, passes=("fwd",),
-            ))
+        out += _cases(device, dtype, bits, group, sym, "", N, K, QUICK_MS if quick else MS)
+    if not quick:
+        for label, (n, k) in MODEL_SHAPES.items():
+            for bits, group, sym in CONFIGS[:2]:
+                out += _cases(device, dtype, bits, group, sym, f"gpt2 {label} {n}x{k} ", n, k, (1, 16))
+    return out
+
+
+def _cases(device, dtype, bits, group, sym, prefix, n, k, ms) -> list[Case]:
+    s = torch.finfo(dtype).bits // 8
+    out = []
+    rings, qbytes = _weights(bits, group, sym, dtype, device, n, k)
+    kind = "int8" if bits == 8 else f"int4/{group}{'' if sym else ' asym'}"
+    ideal = n * k * s / qbytes
+    for m in ms:
+        impls = {"torch": lambda x, r=rings["dense"]: F.linear(x, r.next())}
+        for b in backends.available(device.type):
+            if b != "torch":
+                impls[f"fastlm-{b}"] = lambda x, r=rings["fastlm"], b=b: ops.quant_linear(x, r.next(), backend=b)
+        # torch's packed kernels take seconds a call at large M on the CPU: decode sizes only.
+        if "int8pack" in rings and m <= 8:
+            impls["torch int8pack"] = lambda x, r=rings["int8pack"]: torch._weight_int8pack_mm(x, *r.next())
+        if "int4pack" in rings and m <= 8:
+            impls["torch int4pack"] = lambda x, r=rings["int4pack"], g=group: torch._weight_int4pack_mm_for_cpu(
+                x, *_with_group(r.next(), g))
+        io = m * (k + n) * s
+        work = {name: {"fwd": io + (n * k * s if name == "torch" else qbytes)} for name in impls}
+        out.append(Case(
+            op="quant_matmul", name=f"{prefix}{kind} M={m} ({ideal:.1f}x)", shape=(m, k, n), dtype=dtype,
+            make=functools.partial(_make, m, k, dtype, device), impls=impls,
+            work={"fwd": io + qbytes}, impl_work=work, passes=("fwd",),
+        ))
     return out
