@@ -26,7 +26,9 @@ namespace fastlm {
 namespace {
 
 using cuda::dispatch_float;
+using cuda::load;
 using cuda::Pack;
+using cuda::store;
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kCubic = 0.044715f;
@@ -54,21 +56,6 @@ __device__ __forceinline__ float gelu_grad(float v) {
   } else {
     return 0.5f * erfcf(-v * kRsqrt2) + v * __expf(-0.5f * v * v) * kRsqrt2Pi;
   }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = static_cast<float>(pk.v[j]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) pk.v[j] = static_cast<T>(in[j]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
 template <typename T, int VEC, bool TANH>

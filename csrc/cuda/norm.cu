@@ -29,7 +29,9 @@ namespace fastlm {
 namespace {
 
 using cuda::dispatch_float;
+using cuda::load;
 using cuda::Pack;
+using cuda::store;
 
 constexpr int kMaxBlock = 1024;
 // Row elements each thread holds as floats. Forward holds one float per element; backward four
@@ -37,21 +39,6 @@ constexpr int kMaxBlock = 1024;
 // thread; with these budgets ptxas -v reports no spills but 4 bytes in one float backward kernel.
 constexpr int kFwdElems = 16;
 constexpr int kBwdElems = 8;
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = static_cast<float>(pk.v[j]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) pk.v[j] = static_cast<T>(in[j]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
 
 template <int VEC>
 __device__ __forceinline__ void fill(float (&v)[VEC], float value) {

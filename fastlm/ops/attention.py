@@ -226,20 +226,11 @@ def scaled_dot_product_attention(
         mask = _additive(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     s = 1.0 / math.sqrt(d) if scale is None else float(scale)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), mask, is_causal, s)
-    if _direct(query, key, value):
+    if _checks.direct(query, key, value):
         out, _ = _kernels(chosen)[0](*args)
     else:
         out, _ = torch.ops.fastlm.attention_fwd(*args, chosen)
     return out.squeeze(0) if three else out
-
-
-def _direct(*inputs: Tensor) -> bool:
-    """Whether a call may skip the custom op and run the kernel itself: outside torch.compile and
-    with no gradient to track (prefill and decode), where the custom op's Python layers would cost
-    about 100 us a call (docs/design.md)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
 
 
 def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale):
@@ -302,6 +293,6 @@ def decode_attention(
         return _decode_reference(q, k_cache, v_cache, cache_seqlens, s)
     _checks.backend_dtype(op, chosen, q)
     args = (q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_seqlens.contiguous(), s)
-    if _direct():  # forward only: no gradient ever
+    if _checks.direct():  # forward only: no gradient ever
         return _kernels(chosen)[2](*args)
     return torch.ops.fastlm.decode_attention(*args, chosen)

@@ -160,20 +160,12 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *, 
         return F.embedding(input, weight, padding_idx)
     _checks.backend_dtype("embedding", backend, weight)
     ids, table = input.reshape(-1).contiguous(), weight.contiguous()
-    if _direct(weight):
+    if _checks.direct(weight):
         out = _kernels(backend)[0](ids, table)
     else:
         out = torch.ops.fastlm.embedding_fwd(ids, table, -1 if padding_idx is None else padding_idx,
                                              torch.are_deterministic_algorithms_enabled(), backend)
     return out.view(*input.shape, weight.shape[1])
-
-
-def _direct(*tables: Tensor) -> bool:
-    """Whether a lookup may run the kernel itself, skipping the custom op's Python layers (about
-    100 us a call, docs/design.md): outside torch.compile, with no gradient to track."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tables))
 
 
 def token_position_embedding(
@@ -204,7 +196,7 @@ def token_position_embedding(
     _checks.backend_dtype(op, backend, token_weight)
     ids2 = ids.reshape(-1, t).contiguous()
     tok, pos = token_weight.contiguous(), position_weight.contiguous()
-    if _direct(token_weight, position_weight):
+    if _checks.direct(token_weight, position_weight):
         out = _kernels(backend)[1](ids2, tok, pos, start_pos)
     else:
         out = torch.ops.fastlm.tok_pos_embedding_fwd(ids2, tok, pos, start_pos,

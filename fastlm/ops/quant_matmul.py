@@ -104,14 +104,6 @@ def _check_dtype(op: str, backend: str, input: Tensor) -> None:
         raise TypeError(f"{op}: backend {backend!r} supports input dtypes {names}; input has dtype {input.dtype}")
 
 
-def _needs_op(input: Tensor, bias: Tensor | None) -> bool:
-    """Whether the call must go through the registered op: under torch.compile, or when autograd
-    has a gradient to track."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad))
-
-
 def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = None, *,
                  backend: str | None = None) -> Tensor:
     """torch.nn.functional.linear with a quantized weight, on the chosen backend."""
@@ -128,10 +120,9 @@ def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
     args = (x2, weight.qweight.contiguous(), weight.scales.contiguous(),
             None if weight.zeros is None else weight.zeros.contiguous(),
             None if bias is None else bias.contiguous(), weight.bits, weight.group_size)
-    if _needs_op(input, bias):
-        y = torch.ops.fastlm.quant_matmul(*args, backend)
-    else:
-        # Decode calls the op once per layer per token, for a millisecond or less: the custom op's
-        # Python layers (autograd, fake tensors) are worth skipping when neither is in play.
+    if _checks.direct(input, bias):
+        # Decode calls the op once per layer per token, for a millisecond or less.
         y = _kernel(backend)(*args)
+    else:
+        y = torch.ops.fastlm.quant_matmul(*args, backend)
     return y.view(*input.shape[:-1], n)
