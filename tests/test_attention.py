@@ -210,9 +210,47 @@ def test_decode_matches_full_attention(backend, device, hq, hk, tn):
         assert rel_err(got[i:i + 1].cpu(), want) < 2e-5, f"sequence {i}"
 
 
+@pytest.mark.parametrize("d", [6, 24, 40, 100, 136])
+def test_decode_lone_query_head_dims(backend, device, d):
+    # One query per key/value head: the CPU's row path, which splits D into vectors of 64, 32, 16
+    # and 8 floats and a scalar rest, and keys into groups of 8 and a rest.
+    b, h, tmax = 2, 2, 75 if not INTERPRET else 20
+    seqlens = torch.tensor([tmax, 13], dtype=torch.int32)
+    k_cache = torch.randn(b, h, tmax, d, device=device)
+    v_cache = torch.randn(b, h, tmax, d, device=device)
+    q = torch.randn(b, h, 1, d, device=device)
+    if backend in ("triton", "cuda") and d < 16:  # the GPU kernels' documented range is 16..256
+        with pytest.raises(ValueError, match="head dims"):
+            ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
+        return
+    got = ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
+    for i in range(b):
+        n = int(seqlens[i])
+        want = reference(q[i:i + 1].cpu(), k_cache[i:i + 1, :, :n].cpu(), v_cache[i:i + 1, :, :n].cpu(), None)
+        assert rel_err(got[i:i + 1].cpu(), want) < 2e-5, f"sequence {i}"
+
+
+@pytest.mark.parametrize("hq,tn", [(1, 1), (2, 1), (2, 3)])
+def test_decode_long_cache_few_heads(backend, device, hq, tn):
+    # One sequence and one key/value head against 700 cached keys: the CPU splits the cache into
+    # slices run in parallel and merges their partial softmaxes.
+    tmax, d = (700, 32) if not INTERPRET else (80, 16)
+    seqlens = torch.tensor([tmax - 3], dtype=torch.int64)
+    k_cache = torch.randn(1, 1, tmax, d, device=device)
+    v_cache = torch.randn(1, 1, tmax, d, device=device)
+    q = torch.randn(1, hq, tn, d, device=device)
+    got = ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
+    n = int(seqlens[0])
+    pos = torch.arange(n - tn, n).view(tn, 1)
+    bias = torch.where(torch.arange(n).view(1, n) <= pos, 0.0, float("-inf")).double()
+    want = reference(q.cpu(), k_cache[:, :, :n].cpu(), v_cache[:, :, :n].cpu(), bias)
+    assert rel_err(got.cpu(), want) < 2e-5
+
+
+@pytest.mark.parametrize("hq", [2, 4])
 @pytest.mark.parametrize("dtype", LOW)
-def test_decode_low_precision(backend, device, dtype):
-    b, hq, hk, tmax, d = 2, 4, 2, 50, 64
+def test_decode_low_precision(backend, device, dtype, hq):
+    b, hk, tmax, d = 2, 2, 50, 64
     seqlens = torch.tensor([50, 17], dtype=torch.int64, device=device)
     k_cache = torch.randn(b, hk, tmax, d, device=device).to(dtype)
     v_cache = torch.randn(b, hk, tmax, d, device=device).to(dtype)

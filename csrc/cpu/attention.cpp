@@ -396,33 +396,72 @@ void bwd_fast(const T* dout, const T* q, const T* k, const T* v, const T* out, c
   });
 }
 
+// Sums of eight vectors, one per lane: lane r of the result is the sum of a[r]'s lanes.
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  // u0 = [a0..a3 over lanes 0-3 | a0..a3 over lanes 4-7], u1 the same for a4..a7.
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// o[0, 8 NV) = o * alpha + sum over j < nk of p[j] * v[j, 0, 8 NV) (row stride d), with o in
+// registers for the whole pass: accumulating through memory instead chains every key's FMA
+// behind the previous key's store.
+template <int NV, typename T>
+inline void accumulate_v(const float* p, const T* v, int64_t d, int64_t nk, float alpha, float* o) {
+  __m256 acc[NV];
+  const __m256 a = _mm256_set1_ps(alpha);
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o + i * vec::kW), a);
+  for (int64_t j = 0; j < nk; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(pj, vec::load(v + j * d + i * vec::kW), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + i * vec::kW, acc[i]);
+}
+
 // One query against keys [k0, k1), all visible: the decoding path for a lone query (a head
 // without a group, one new token). The tile path would pad that query to a vector of 8 and do 8
-// times the arithmetic; here vectors run along D instead. qs holds q * scale * log2(e).
+// times the arithmetic; here vectors run along D instead, eight keys at a time, each key's
+// vector accumulator reduced together with the other seven's. qs holds q * scale * log2(e).
 template <typename T>
 void attend_row(const float* qs, const T* k, const T* v, int64_t d, int64_t k0, int64_t k1, float* sbuf, float* o,
                 float& m, float& l) {
   const int64_t dv = d / vec::kW * vec::kW;
   for (int64_t kb = k0; kb < k1; kb += kBK) {
     const int64_t nk = std::min(kBK, k1 - kb);
-    float mx = m;
-    for (int64_t j = 0; j < nk; ++j) {
-      const T* kr = k + (kb + j) * d;
-      // Streamed once from memory: ask for rows well ahead of use.
-      // (A prefetch past the end of the cache is harmless: it never faults.)
-      const uintptr_t ka = reinterpret_cast<uintptr_t>(kr) + 16 * d * sizeof(T);
-      const uintptr_t va = reinterpret_cast<uintptr_t>(v + (kb + j) * d) + 16 * d * sizeof(T);
-      for (uintptr_t c = 0; c < d * sizeof(T); c += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(ka + c), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(va + c), _MM_HINT_T0);
+    const T* kbase = k + kb * d;
+    for (int64_t j = 0; j < nk; j += vec::kW) {
+      const int64_t nj = std::min<int64_t>(vec::kW, nk - j);
+      // Streamed once from memory: ask for rows well ahead of use. (A prefetch past the end of
+      // the cache is harmless: it never faults.)
+      for (int64_t r = 0; r < nj; ++r) {
+        const uintptr_t ka = reinterpret_cast<uintptr_t>(kbase + (j + r + 16) * d);
+        const uintptr_t va = reinterpret_cast<uintptr_t>(v + (kb + j + r + 16) * d);
+        for (uintptr_t c = 0; c < d * sizeof(T); c += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(ka + c), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(va + c), _MM_HINT_T0);
+        }
       }
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t c = 0; c < dv; c += vec::kW) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + c), vec::load(kr + c), acc);
-      float sj = vec::hsum(acc);
-      for (int64_t c = dv; c < d; ++c) sj += qs[c] * to_f(kr[c]);
-      sbuf[j] = sj;
-      mx = std::max(mx, sj);
+      __m256 acc[vec::kW];
+      for (int r = 0; r < vec::kW; ++r) acc[r] = _mm256_setzero_ps();
+      // Keys past nk repeat key j: their scores are computed and dropped.
+      const T* kr[vec::kW];
+      for (int r = 0; r < vec::kW; ++r) kr[r] = kbase + (j + (r < nj ? r : 0)) * d;
+      for (int64_t c = 0; c < dv; c += vec::kW) {
+        const __m256 qv = _mm256_loadu_ps(qs + c);
+        for (int r = 0; r < vec::kW; ++r) acc[r] = _mm256_fmadd_ps(qv, vec::load(kr[r] + c), acc[r]);
+      }
+      alignas(32) float sc[vec::kW];
+      _mm256_store_ps(sc, hsum8(acc));
+      for (int64_t r = 0; r < nj; ++r) {
+        float sj = sc[r];
+        for (int64_t c = dv; c < d; ++c) sj += qs[c] * to_f(kr[r][c]);
+        sbuf[j + r] = sj;
+      }
     }
+    float mx = m;
+    for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, sbuf[j]);
     const int64_t nkp = round8(nk);
     for (int64_t j = nk; j < nkp; ++j) sbuf[j] = -kInf;
     const float ref = mx == -kInf ? 0.f : mx;
@@ -436,21 +475,23 @@ void attend_row(const float* qs, const T* k, const T* v, int64_t d, int64_t k0, 
     }
     m = mx;
     l = l * alpha + vec::hsum(sum);
-    for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
-    for (int64_t j = 0; j < nk; ++j) {
-      const T* vr = v + (kb + j) * d;
-      const __m256 p = _mm256_set1_ps(sbuf[j]);
-      for (int64_t c = 0; c < dv; c += vec::kW) {
-        _mm256_storeu_ps(o + c, _mm256_fmadd_ps(p, vec::load(vr + c), _mm256_loadu_ps(o + c)));
-      }
-      for (int64_t c = dv; c < d; ++c) o[c] += sbuf[j] * to_f(vr[c]);
+    const T* vb = v + kb * d;
+    int64_t c = 0;
+    for (; c + 8 * vec::kW <= dv; c += 8 * vec::kW) accumulate_v<8>(sbuf, vb + c, d, nk, alpha, o + c);
+    if (c + 4 * vec::kW <= dv) accumulate_v<4>(sbuf, vb + c, d, nk, alpha, o + c), c += 4 * vec::kW;
+    if (c + 2 * vec::kW <= dv) accumulate_v<2>(sbuf, vb + c, d, nk, alpha, o + c), c += 2 * vec::kW;
+    if (c + vec::kW <= dv) accumulate_v<1>(sbuf, vb + c, d, nk, alpha, o + c), c += vec::kW;
+    for (; c < d; ++c) {
+      float acc = o[c] * alpha;
+      for (int64_t j = 0; j < nk; ++j) acc += sbuf[j] * to_f(vb[j * d + c]);
+      o[c] = acc;
     }
   }
 }
 
 // Decoding: task (b, kv head, slice s of the cache) attends every query of the group to the
 // slice's keys and leaves a partial (max, sum, unnormalised output) per query in part; the
-// partials are merged afterwards.
+// partials are merged afterwards. With one slice (S = 1) each task writes its output itself.
 template <typename T>
 void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, T* out, float* part, int64_t S,
                  int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t Tmax, int64_t D, double scale) {
@@ -471,6 +512,12 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, T* o
         float mm = -kInf, ll = 0.f;
         std::fill(ot.begin(), ot.begin() + D, 0.f);
         attend_row(qt.data(), kc + bk * Tmax * D, vc + bk * Tmax * D, D, k0, k1, sc.st.data(), ot.data(), mm, ll);
+        if (S == 1) {  // the whole cache in one task: normalise here, nothing to merge
+          T* o = out + (b * Hq + hk) * Tn * D;
+          const float inv = ll > 0.f ? 1.f / ll : 0.f;
+          for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(ot[c] * inv);
+          continue;
+        }
         float* p = part + (bk * S + s) * W;
         p[0] = mm;
         p[1] = ll;
@@ -499,6 +546,13 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, T* o
         const int64_t kv = bk * Tmax * D;
         attend_keys(t, kc + kv, vc + kv, D, k0, k1, sc, ot.data(), m.data(), l.data());
         for (int64_t i = 0; i < t.n; ++i) {
+          if (S == 1) {
+            const int64_t x = c0 + i, g = x / Tn, tn = x % Tn;
+            T* o = out + ((b * Hq + hk * G + g) * Tn + tn) * D;
+            const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+            for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(ot[c * t.np + i] * inv);
+            continue;
+          }
           float* p = part + ((bk * nq + c0 + i) * S + s) * W;
           p[0] = m[i];
           p[1] = l[i];
@@ -507,6 +561,7 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, T* o
       }
     }
   });
+  if (S == 1) return;
   at::parallel_for(0, B * Hk * nq, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(D);
     for (int64_t x = begin; x < end; ++x) {
@@ -804,7 +859,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   }
   // Splitting the cache pays only when a slice still holds a few blocks of keys.
   const int64_t S = slices_for(B * Hk, std::max<int64_t>(1, longest / (4 * kBK)));
-  at::Tensor part = at::empty({B * Hk * (Hq / Hk) * Tn * S * (D + 2)}, q.options().dtype(at::kFloat));
+  at::Tensor part = at::empty({S > 1 ? B * Hk * (Hq / Hk) * Tn * S * (D + 2) : 0}, q.options().dtype(at::kFloat));
   dispatch_reduced(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     decode_fast<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), lp, out.data_ptr<T>(),

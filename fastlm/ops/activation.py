@@ -123,6 +123,9 @@ def bias_gelu(
     n = input.shape[-1]
     x2 = input.reshape(-1, n).contiguous()
     b = b.contiguous() if b is not None else None
-    fwd = torch.ops.fastlm.bias_gelu_fwd if torch.compiler.is_compiling() else _EagerBiasGelu.apply
-    y = fwd(x2, b, approximate == "tanh", backend)
+    if _checks.direct(x2, b):
+        y = _kernels(backend)[0](x2, b, approximate == "tanh")
+    else:
+        fwd = torch.ops.fastlm.bias_gelu_fwd if torch.compiler.is_compiling() else _EagerBiasGelu.apply
+        y = fwd(x2, b, approximate == "tanh", backend)
     return y.view(input.shape)

@@ -165,8 +165,13 @@ def _run(op, x, residual, shape, weight, bias, eps, rms, backend):
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
     w = _cast(weight, x).reshape(n).contiguous() if weight is not None else None
     b = _cast(bias, x).reshape(n).contiguous() if bias is not None else None
-    fwd = torch.ops.fastlm.norm_fwd if torch.compiler.is_compiling() else _EagerNorm.apply
-    y, h, _, _ = fwd(x2, w, b, r2, float(eps), rms, backend)
+    if _checks.direct(x2, w, b, r2):
+        # Inference (decode runs a norm per layer per token): nothing to record for autograd.
+        fwd = _kernels(backend)[0]
+        y, h, _, _ = fwd(x2, w, b, r2, float(eps), rms)
+    else:
+        fwd = torch.ops.fastlm.norm_fwd if torch.compiler.is_compiling() else _EagerNorm.apply
+        y, h, _, _ = fwd(x2, w, b, r2, float(eps), rms, backend)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else None)
 
 
