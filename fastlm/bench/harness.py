@@ -92,8 +92,8 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, *
     With burst > 1 a turn runs a competitor `burst` times in a row and keeps the times of all but
     the first call. That measures the steady state of a stream of like calls, as a model's layers
     run one after another, without the cost of following another competitor whose working set is
-    unlike it: a quantized GEMV right after a dense one that streamed 64 MB measured 0.3-0.8 ms
-    slower than right after another quantized GEMV (0.9 ms) on the CPU here."""
+    unlike it: on the CPU here a quantized GEMV right after a dense one that streamed 64 MB
+    measured 0.4-0.8 ms slower than the quantized calls after it (1.1-1.3 ms)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
