@@ -436,8 +436,9 @@ void attend_row(const float* qs, const T* k, const T* v, int64_t d, int64_t k0, 
       // Streamed once from memory: ask for rows well ahead of use. (A prefetch past the end of
       // the cache is harmless: it never faults.)
       for (int64_t r = 0; r < nj; ++r) {
-        const uintptr_t ka = reinterpret_cast<uintptr_t>(kbase + (j + r + 16) * d);
-        const uintptr_t va = reinterpret_cast<uintptr_t>(v + (kb + j + r + 16) * d);
+        const uintptr_t ahead = (j + r + 16) * d * sizeof(T);
+        const uintptr_t ka = reinterpret_cast<uintptr_t>(kbase) + ahead;
+        const uintptr_t va = reinterpret_cast<uintptr_t>(v + kb * d) + ahead;
         for (uintptr_t c = 0; c < d * sizeof(T); c += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(ka + c), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(va + c), _MM_HINT_T0);
