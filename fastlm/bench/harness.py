@@ -86,8 +86,12 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
                    reps: int = 15, burst: int = 1) -> dict[str, float]:
-    """Median time of each competitor, timed in turns (a, b, c, a, b, c, ...) rather than one
-    after another, so that a noisy stretch of the machine hits every competitor alike.
+    """Median time of each competitor, timed in turns (a, b, c, c, b, a, a, b, c, ...) rather
+    than one after another, so that a noisy stretch of the machine hits every competitor alike.
+    Every other round runs in reverse, so that no competitor always follows the same other one:
+    on the CPU here the quantized GEMV's calls that followed a turn of the dense matmul measured
+    about 10% slower than the same calls after a turn of another quantized one, even past the
+    first call of a burst; with a fixed order that cost fell on one competitor only.
 
     With burst > 1 a turn runs a competitor `burst` times in a row and keeps the times of all but
     the first call. That measures the steady state of a stream of like calls, as a model's layers
@@ -99,8 +103,9 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, *
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for rep in range(reps):
+        for name, fn in order if rep % 2 == 0 else order[::-1]:
             turn = [once_ms(fn, device) for _ in range(burst)]
             times[name] += turn[1:] if burst > 1 else turn
     return {name: statistics.median(t) for name, t in times.items()}
