@@ -277,6 +277,26 @@ def test_decode_bad_input(backend, device):
         ops.decode_attention(q, kc[..., :8], kc[..., :8], lens, backend=backend)
 
 
+def test_decode_seqlen_range(backend, device, monkeypatch):
+    # Lengths known on the host: the same result, without reading cache_seqlens back (on a GPU
+    # that read waits for the device), and the range itself is checked.
+    q = torch.randn(2, 4, 1, 16, device=device)
+    kc = torch.randn(2, 2, 8, 16, device=device)
+    lens = torch.tensor([6, 6], dtype=torch.int32, device=device)
+    want = ops.decode_attention(q, kc, kc, lens, backend=backend)
+    reads = []
+    for name in ("min", "max", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name, **k: (reads.append(_n), _f(t, *a, **k))[1])
+    got = ops.decode_attention(q, kc, kc, lens, backend=backend, seqlen_range=(6, 6))
+    monkeypatch.undo()
+    assert reads == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for bad in ((0, 6), (6, 9), (7, 6)):
+        with pytest.raises(ValueError, match="seqlen_range"):
+            ops.decode_attention(q, kc, kc, lens, backend=backend, seqlen_range=bad)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

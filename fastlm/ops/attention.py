@@ -246,7 +246,7 @@ def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale):
 
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: float | None = None,
-    backend: str | None = None,
+    backend: str | None = None, seqlen_range: tuple[int, int] | None = None,
 ) -> Tensor:
     """Attention of the Tn newest tokens of each sequence against its KV cache.
 
@@ -254,6 +254,10 @@ def decode_attention(
     cache_seqlens[b] valid positions of sequence b (the new tokens included); cache_seqlens (B)
     int32 or int64 with Tn <= cache_seqlens[b] <= Tmax. Query i of sequence b attends to cache
     positions 0 .. cache_seqlens[b] - Tn + i. Returns (B, Hq, Tn, D). Forward only.
+
+    The bounds on cache_seqlens are checked by reading its min and max, which on a GPU waits for
+    the device once a call. A caller that knows them on the host (fastlm.nn's KVCache does) passes
+    seqlen_range = (min, max) instead: those are checked, and cache_seqlens must lie within them.
     """
     op = "decode_attention"
     _checks.tensor(op, "q", q)
@@ -277,11 +281,14 @@ def decode_attention(
             f"on {cache_seqlens.device}"
         )
     if b and not torch.compiler.is_compiling():
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < tn or hi > tmax:
-            raise ValueError(
-                f"{op}: cache_seqlens must lie in [Tn, Tmax] = [{tn}, {tmax}], got values in [{lo}, {hi}]"
-            )
+        if seqlen_range is not None:
+            lo, hi = (int(t) for t in seqlen_range)
+            got = f"seqlen_range ({lo}, {hi})"
+        else:
+            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+            got = f"values in [{lo}, {hi}]"
+        if lo > hi or lo < tn or hi > tmax:
+            raise ValueError(f"{op}: cache_seqlens must lie in [Tn, Tmax] = [{tn}, {tmax}], got {got}")
     s = 1.0 / math.sqrt(d) if scale is None else float(scale)
     chosen = backends.choose(op, q.device, backend)
     explicit = backend is not None or backends.requested_backend() is not None
