@@ -285,9 +285,17 @@ def test_decode_seqlen_range(backend, device, monkeypatch):
     lens = torch.tensor([6, 6], dtype=torch.int32, device=device)
     want = ops.decode_attention(q, kc, kc, lens, backend=backend)
     reads = []
-    for name in ("min", "max", "item", "tolist"):
+
+    def logged(name):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name, **k: (reads.append(_n), _f(t, *a, **k))[1])
+
+        def read(t, *args, **kwargs):
+            reads.append(name)
+            return original(t, *args, **kwargs)
+        return read
+
+    for name in ("min", "max", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, logged(name))
     got = ops.decode_attention(q, kc, kc, lens, backend=backend, seqlen_range=(6, 6))
     monkeypatch.undo()
     assert reads == []
