@@ -76,18 +76,16 @@ inline float shifted_zero(const Problem& p, int64_t n, int64_t g) {
   return p.zeros ? p.zeros[n * p.groups + g] - (p.bits == 4 ? 8.f : 0.f) : 0.f;
 }
 
-// 16 consecutive packed weights of one row as two vectors of int32, in kernel order: the stored
-// values (int4: unsigned 0..15) when RAW, else shifted to signed (q - 8 for int4).
-template <int BITS, bool RAW = false>
+// 16 consecutive packed weights of one row as two vectors of int32, in kernel order, as signed
+// values (q - 8 for int4). The int4 GEMV unpacks its own way (whole bytes, see the top).
+template <int BITS>
 inline void load16(const uint8_t* row, int64_t blk, __m256i& lo, __m256i& hi) {
   if constexpr (BITS == 4) {
     const __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + blk * 8)));
     lo = _mm256_and_si256(t, _mm256_set1_epi32(15));
     hi = _mm256_srli_epi32(t, 4);
-    if constexpr (!RAW) {
-      lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(8));
-      hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(8));
-    }
+    lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(8));
+    hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(8));
   } else {
     const int8_t* p = reinterpret_cast<const int8_t*>(row + blk * 16);
     lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -153,7 +151,7 @@ void gemv_row(const Problem& p, int64_t n) {
           hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (b + u) * 8)));
           lo = _mm256_and_si256(hi, _mm256_set1_epi32(15));
         } else {
-          load16<BITS, true>(row, b + u, lo, hi);
+          load16<BITS>(row, b + u, lo, hi);  // int8: signed as stored
         }
         const __m256 w0 = _mm256_cvtepi32_ps(lo), w1 = _mm256_cvtepi32_ps(hi);
         const float* xb = p.x + (b + u) * kBlk;
