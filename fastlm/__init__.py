@@ -8,8 +8,7 @@
 
 from fastlm import backends, nn, ops, quant
 from fastlm.backends import BackendUnavailable, use_backend
-from fastlm.patch import patch, unpatch
-from fastlm.quant import quantize_
+from fastlm.patch import patch, quantize_, unpatch
 
 __version__ = "0.1.0"
 

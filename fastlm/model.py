@@ -8,10 +8,10 @@
 
 Token embedding plus a learned position embedding (or rotary positions inside attention),
 pre-norm blocks (LayerNorm or RMSNorm) of causal self-attention and a GELU MLP, a final norm,
-and an output projection tied to the token embedding. Every norm of a block is fused with the
-residual add before it (fastlm.ops.add_layer_norm / add_rms_norm), so the residual stream is read
-once per norm instead of twice; the MLP's first bias add is fused into its GELU (ops.bias_gelu);
-the loss is taken a chunk of rows at a time, without the full logits (ops.linear_cross_entropy).
+and an output projection tied to the token embedding. Each block takes and returns the residual
+stream beside its output, so every norm is fused with the residual add before it (the norm
+modules' `residual=`), and the stream is read once per norm instead of twice; the loss is taken
+a chunk of rows at a time, without the full logits (ops.linear_cross_entropy).
 
 `config.backend` (or `forward(..., backend=)`) runs the same weights through the torch reference
 path ("torch") or a fastlm backend ("cpu", "cuda", "triton"; None = the best available).
@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastlm import backends, ops
-from fastlm.nn import Embedding, LayerNorm, QuantLinear, RMSNorm
+from fastlm import ops
+from fastlm.nn import MLP, Embedding, LayerNorm, RMSNorm
 from fastlm.nn.self_attention import CausalSelfAttention, KVCache
 
 
@@ -76,9 +75,9 @@ class TransformerConfig:
         kv = self.n_head if self.n_kv_head is None else self.n_kv_head
         if kv <= 0 or self.n_head % kv:
             raise ValueError(f"TransformerConfig: n_head {self.n_head} must be a multiple of n_kv_head {kv}")
-        if self.backend is not None and self.backend not in backends.BACKENDS:
+        if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ValueError(f"TransformerConfig: unknown backend {self.backend!r}; choose one of "
-                             f"{', '.join(backends.BACKENDS)} or None")
+                             f"{', '.join(ops.BACKENDS)} or None")
         for name in ("vocab_size", "block_size", "n_layer", "d_model", "mlp_ratio"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig: {name} must be positive, got {getattr(self, name)}")
@@ -95,28 +94,6 @@ class TransformerConfig:
         return cls(**d)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        fc = self.fc
-        if type(fc) is nn.Linear:
-            matmul = functools.partial(F.linear, weight=fc.weight)
-        elif isinstance(fc, QuantLinear):  # after fastlm.quantize_(model)
-            matmul = functools.partial(ops.quant_linear, weight=fc.weight)
-        else:
-            matmul = None
-        if matmul is None or backends.choose("bias_gelu", x.device, None) == "torch":
-            h = F.gelu(fc(x), approximate="tanh")  # the reference: the bias inside the matmul
-        else:
-            h = ops.bias_gelu(matmul(x), fc.bias, approximate="tanh")
-        return self.dropout(self.proj(h))
-
-
 def _norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.norm == "layernorm":
         return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
@@ -124,10 +101,11 @@ def _norm(cfg: TransformerConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Holds one layer's modules. The Transformer runs them itself, because each norm is fused with
-    the residual add that precedes it, and that add belongs to the previous sub-layer:
+    """One pre-norm layer. It takes the previous sub-layer's output x and the residual stream
+    before it, and returns its own pair, so that each norm is fused with the residual add that
+    precedes it (the first block gets residual None: x is the stream itself):
 
-        y = norm1(h);  h = h + attn(y);  y = norm2(h);  h = h + mlp(y);  y = next_norm(h)
+        h = x + residual;  y = norm1(h);  h = h + attn(y);  y = norm2(h);  return mlp(y), h
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -137,22 +115,13 @@ class Block(nn.Module):
             cfg.d_model, cfg.n_head, cfg.n_kv_head, bias=cfg.bias, dropout=cfg.dropout,
             rotary=cfg.pos == "rope", max_seq_len=cfg.block_size, rope_theta=cfg.rope_theta)
         self.norm2 = _norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias, dropout=cfg.dropout)
 
-
-def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(norm, LayerNorm):
-        return ops.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    return ops.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
-
-
-def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-    """(norm(x + residual), x + residual). Under autocast x may be bf16 while the residual stream
-    stays float32; the sum is taken in the residual's precision."""
-    x = x.to(residual.dtype)
-    if isinstance(norm, LayerNorm):
-        return ops.add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    return ops.add_rms_norm(x, residual, norm.normalized_shape, norm.weight, norm.eps)
+    def forward(self, x: Tensor, residual: Tensor | None = None, cache: KVCache | None = None
+                ) -> tuple[Tensor, Tensor]:
+        y, h = (self.norm1(x), x) if residual is None else self.norm1(x, residual)
+        y, h = self.norm2(self.attn(y, cache), h)
+        return self.mlp(y), h
 
 
 class Transformer(nn.Module):
@@ -190,7 +159,7 @@ class Transformer(nn.Module):
 
     def _backend_scope(self, backend: str | None):
         backend = backend if backend is not None else self.config.backend
-        return backends.use_backend(backend) if backend is not None else contextlib.nullcontext()
+        return ops.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
     def hidden(self, ids: Tensor, caches: list[KVCache] | None = None, *, backend: str | None = None) -> Tensor:
         """The final normed hidden states (B, T, d_model) for ids (B, T)."""
@@ -205,17 +174,10 @@ class Transformer(nn.Module):
                 h = ops.token_position_embedding(ids, self.wte.weight, self.wpe.weight, start)
             else:
                 h = ops.embedding(ids, self.wte.weight)
-            h = self.drop(h)
-            n = len(self.blocks)
-            y = _apply_norm(self.blocks[0].norm1, h) if n else h
+            x, residual = self.drop(h), None
             for i, block in enumerate(self.blocks):
-                a = block.attn(y, None if caches is None else caches[i])
-                y, h = _add_norm(block.norm2, a, h)
-                m = block.mlp(y)
-                y, h = _add_norm(self.blocks[i + 1].norm1 if i + 1 < n else self.norm_f, m, h)
-            if not n:
-                y = _apply_norm(self.norm_f, h)
-        return y
+                x, residual = block(x, residual, None if caches is None else caches[i])
+            return self.norm_f(x) if residual is None else self.norm_f(x, residual)[0]
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, *, backend: str | None = None,
                 caches: list[KVCache] | None = None, return_logits: bool | None = None

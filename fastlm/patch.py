@@ -1,15 +1,18 @@
-"""Swap the torch modules inside any model for their fastlm twins, and back.
+"""Swap the torch modules inside any model for their fastlm twins, and back; quantize a model's
+linear layers in place.
 
 A fastlm module subclasses its torch twin without adding state, so the swap changes only the
 object's class: parameters, buffers, hooks and identity stay, and an optimizer that already
-holds the parameters keeps working.
+holds the parameters keeps working. quantize_ replaces each nn.Linear by a new QuantLinear.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from fastlm import nn
+from fastlm import nn, quant
 
 # torch class -> fastlm class. Only exact torch classes are swapped: a user's subclass may
 # have its own forward that a swap would silently drop.
@@ -41,4 +44,39 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         slow = back.get(type(module))
         if slow is not None:
             module.__class__ = slow
+    return model
+
+
+def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+              skip: Callable[[str, torch.nn.Module], bool] | None = None, *,
+              quantize_tied: bool = False) -> torch.nn.Module:
+    """Replace every torch.nn.Linear of model, in place, by a fastlm.nn.QuantLinear holding its
+    quantized weight (and its bias, still a float Parameter). Returns the model.
+
+    skip(name, module) -> True leaves that layer alone. A Linear whose weight is the very
+    Parameter of an nn.Embedding (a tied LM head) is left unquantized unless quantize_tied:
+    quantizing it would untie the pair and keep a float copy for the embedding anyway.
+    A layer whose in_features does not fit the format raises ValueError naming it (use skip).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"quantize_: model must be a torch.nn.Module, got {type(model).__name__}")
+    quant.check_params("quantize_", bits, group_size)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    targets = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or (skip is not None and skip(name, mod)):
+            continue
+        if id(mod.weight) in tied and not quantize_tied:
+            continue
+        try:
+            quant.check_params("quantize_", bits, group_size, mod.in_features)
+        except ValueError as e:
+            raise ValueError(f"quantize_: layer {name!r} ({mod.in_features} -> {mod.out_features}) cannot be "
+                             f"quantized: {e}; leave it out with skip=") from None
+        targets.append((name, mod))
+    for name, mod in targets:
+        new = nn.QuantLinear.from_linear(mod, bits=bits, group_size=group_size, symmetric=symmetric)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
     return model

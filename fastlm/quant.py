@@ -1,8 +1,8 @@
-"""Weight-only quantization: the packed format, quantize / dequantize, and quantize_(model).
+"""Weight-only quantization: the packed format, quantize / dequantize (no modules).
 
     qw = fastlm.quant.quantize(linear.weight, bits=4, group_size=128)
     y = fastlm.ops.quant_linear(x, qw, linear.bias)
-    fastlm.quantize_(model, bits=4)          # every nn.Linear becomes a fastlm.nn.QuantLinear
+    fastlm.quantize_(model, bits=4)          # every nn.Linear becomes a fastlm.nn.QuantLinear (patch.py)
 
 The format (every backend reads exactly this; csrc/fastlm.h states the same contract)
 --------------------------------------------------------------------------------------
@@ -32,20 +32,19 @@ Either way every weight is within half a scale of its dequantized value: |W - de
 (up to float rounding). A group whose weights are all zero gets scale 1, so dequantizes to
 exact zeros.
 
-The ops and modules import this module for the format; `quantize_`, which builds modules,
-imports fastlm.nn only when called, so that the layers below never import the one above.
+This module sits below fastlm.ops and imports nothing of fastlm: the ops and modules read the
+format from here, and `fastlm.quantize_`, which swaps modules, lives with fastlm.patch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["QuantizedWeight", "quantize", "dequantize", "quantize_", "check_format"]
+__all__ = ["QuantizedWeight", "quantize", "dequantize", "check_format", "GROUP_SIZES"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The int4 group sizes every backend runs (the CPU kernel would take any divisor of K).
@@ -178,43 +177,6 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tenso
         z = 8.0 if qw.bits == 4 else 0.0
     w = (q - z) * qw.scales.to(work).unsqueeze(-1)
     return w.reshape(n, k).to(dtype)
-
-
-def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-              skip: Callable[[str, torch.nn.Module], bool] | None = None, *,
-              quantize_tied: bool = False) -> torch.nn.Module:
-    """Replace every torch.nn.Linear of model, in place, by a fastlm.nn.QuantLinear holding its
-    quantized weight (and its bias, still a float Parameter). Returns the model.
-
-    skip(name, module) -> True leaves that layer alone. A Linear whose weight is the very
-    Parameter of an nn.Embedding (a tied LM head) is left unquantized unless quantize_tied:
-    quantizing it would untie the pair and keep a float copy for the embedding anyway.
-    A layer whose in_features does not fit the format raises ValueError naming it (use skip).
-    """
-    from fastlm.nn.linear import QuantLinear
-
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"quantize_: model must be a torch.nn.Module, got {type(model).__name__}")
-    check_params("quantize_", bits, group_size)
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    targets = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or (skip is not None and skip(name, mod)):
-            continue
-        if id(mod.weight) in tied and not quantize_tied:
-            continue
-        try:
-            check_params("quantize_", bits, group_size, mod.in_features)
-        except ValueError as e:
-            raise ValueError(f"quantize_: layer {name!r} ({mod.in_features} -> {mod.out_features}) cannot be "
-                             f"quantized: {e}; leave it out with skip=") from None
-        targets.append((name, mod))
-    for name, mod in targets:
-        new = QuantLinear.from_linear(mod, bits=bits, group_size=group_size, symmetric=symmetric)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    return model
 
 
 def ideal_speedup(n: int, k: int, bits: int, group_size: int, symmetric: bool = True,

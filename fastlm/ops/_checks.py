@@ -1,5 +1,4 @@
-"""Argument checks shared by the ops: each raises an exception that names the argument. And
-`direct`, the one test of whether a call may skip its custom op."""
+"""Argument checks shared by the ops: each raises an exception that names the argument."""
 
 from __future__ import annotations
 
@@ -33,18 +32,9 @@ def like(op: str, name: str, t, ref: torch.Tensor, ref_name: str, shape=None, sa
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
-def backend_dtype(op: str, backend: str, t: torch.Tensor) -> None:
-    allowed = BACKEND_DTYPES.get(backend)
+def backend_dtype(op: str, backend: str, t: torch.Tensor, dtypes: dict = BACKEND_DTYPES) -> None:
+    """`t`'s dtype is one that `backend` computes in (by `dtypes`, for an op whose kernels differ)."""
+    allowed = dtypes.get(backend)
     if allowed is not None and t.dtype not in allowed:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        raise TypeError(f"{op}: backend {backend!r} supports {names}; input has dtype {t.dtype}")
-
-
-def direct(*tensors) -> bool:
-    """Whether a call may run its kernel itself instead of through its torch.library custom op:
-    outside torch.compile, with no gradient to track for any of `tensors` (None entries ignored).
-    The custom op's Python layers cost about 100 us a call (docs/design.md); the kernel, and so
-    the result, is the same either way."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+        raise TypeError(f"{op}: backend {backend!r} supports input dtypes {names}; input has dtype {t.dtype}")

@@ -2,12 +2,18 @@
 
     bias_gelu(input, bias=None, approximate="tanh", *, backend=None)
 
-Returns gelu(input + bias) in input's dtype from one pass over memory; `approximate` is
+    linear_gelu(input, weight, bias=None, approximate="tanh", *, backend=None)
+
+bias_gelu returns gelu(input + bias) in input's dtype from one pass over memory; `approximate` is
 torch.nn.functional.gelu's ("tanh" or "none", the exact erf GELU). Every backend but "torch" runs
-through two custom ops, torch.ops.fastlm.bias_gelu_fwd and torch.ops.fastlm.bias_gelu_bwd, over
-the input flattened to (rows, N). The backward recomputes gelu'(x + bias) from the saved input, so
-nothing but the input is kept; the bias gradient is summed over rows in float32.
-The "torch" backend is the reference: F.gelu(input + bias), for eager and compiled torch alike.
+two kernel ops (fastlm/ops/_dispatch.py), registered as torch.ops.fastlm.bias_gelu_fwd and
+torch.ops.fastlm.bias_gelu_bwd, over the input flattened to (rows, N). The backward recomputes
+gelu'(x + bias) from the saved input, so nothing but the input is kept; the bias gradient is
+summed over rows in float32. The "torch" backend is the reference: F.gelu(input + bias), for
+eager and compiled torch alike.
+
+linear_gelu is the first half of a Transformer MLP, gelu(linear(input, weight, bias)), for a float
+or quantized weight: on fastlm backends the bias add leaves the matmul for the GELU kernel.
 """
 
 from __future__ import annotations
@@ -18,81 +24,55 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
+from fastlm.ops._dispatch import kernel_op
+from fastlm.ops.quant_matmul import quant_linear
+from fastlm.quant import QuantizedWeight
 
 APPROXIMATIONS = ("none", "tanh")
 
-# --- kernels, by backend ----------------------------------------------------------------------
+# --- the kernels -------------------------------------------------------------------------------
 
 
-def _kernels(backend: str):
-    if backend == "triton":
-        from fastlm.kernels import activation
-
-        return activation.bias_gelu_fwd, activation.bias_gelu_bwd
-    # cpu and cuda share one op in fastlm._C; the dispatcher picks the kernel by device.
-    return torch.ops.fastlm_C.bias_gelu_fwd, torch.ops.fastlm_C.bias_gelu_bwd
-
-
-@torch.library.custom_op("fastlm::bias_gelu_fwd", mutates_args=())
-def bias_gelu_fwd(x: Tensor, bias: Tensor | None, tanh: bool, backend: str) -> Tensor:
+@kernel_op("activation")
+def bias_gelu_fwd(lib, x: Tensor, bias: Tensor | None, tanh: bool) -> Tensor:
     """gelu(x + bias) for x of shape (M, N); see csrc/fastlm.h for the full contract."""
-    return _kernels(backend)[0](x, bias, tanh)
+    return lib.bias_gelu_fwd(x, bias, tanh)
 
 
 @bias_gelu_fwd.register_fake
-def _(x, bias, tanh, backend):
+def _(x, bias, tanh):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fastlm::bias_gelu_bwd", mutates_args=())
-def bias_gelu_bwd(
-    dy: Tensor, x: Tensor, bias: Tensor | None, tanh: bool, need_dbias: bool, backend: str
-) -> tuple[Tensor, Tensor]:
+@kernel_op("activation")
+def bias_gelu_bwd(lib, dy: Tensor, x: Tensor, bias: Tensor | None, tanh: bool, need_dbias: bool
+                  ) -> tuple[Tensor, Tensor]:
     """(dx, dbias in bias's dtype, or empty without need_dbias) of bias_gelu_fwd."""
-    dx, db = _kernels(backend)[1](dy, x, bias, tanh, need_dbias)
+    dx, db = lib.bias_gelu_bwd(dy, x, bias, tanh, need_dbias)
     # The kernels sum in float32; the gradient of a parameter comes back in its own dtype.
     return dx, (db.to(bias.dtype) if need_dbias and bias is not None else x.new_empty((0,)))
 
 
 @bias_gelu_bwd.register_fake
-def _(dy, x, bias, tanh, need_dbias, backend):
+def _(dy, x, bias, tanh, need_dbias):
     db = x.new_empty((x.shape[1],), dtype=bias.dtype) if need_dbias and bias is not None else x.new_empty((0,))
     return torch.empty_like(x), db
 
 
 def _setup_context(ctx, inputs, output):
-    x, bias, tanh, backend = inputs
+    x, bias, tanh = inputs
     ctx.save_for_backward(x, bias)
-    ctx.tanh, ctx.backend = tanh, backend
+    ctx.tanh = tanh
 
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[1]
-    dx, db = torch.ops.fastlm.bias_gelu_bwd(dy.contiguous(), x, bias, ctx.tanh, need_dbias, ctx.backend)
-    return dx, (db if need_dbias else None), None, None
+    dx, db = bias_gelu_bwd.via(ctx)(dy.contiguous(), x, bias, ctx.tanh, need_dbias)
+    return dx, (db if need_dbias else None), None
 
 
-bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerBiasGelu(torch.autograd.Function):
-    """bias_gelu_fwd and its backward calling the kernels directly, outside torch.compile: the
-    custom op's Python layers cost about 100 us a call (see docs/design.md). Same kernels, same
-    results."""
-
-    @staticmethod
-    def forward(ctx, x, bias, tanh, backend):
-        y = _kernels(backend)[0](x, bias, tanh)
-        _setup_context(ctx, (x, bias, tanh, backend), y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        need_dbias = bias is not None and ctx.needs_input_grad[1]
-        dx, db = _kernels(ctx.backend)[1](dy.contiguous(), x, bias, ctx.tanh, need_dbias)
-        return dx, (db.to(bias.dtype) if need_dbias else None), None, None
+bias_gelu_fwd.register_autograd(_setup_context, _backward)
 
 # --- the public function ----------------------------------------------------------------------
 
@@ -123,9 +103,24 @@ def bias_gelu(
     n = input.shape[-1]
     x2 = input.reshape(-1, n).contiguous()
     b = b.contiguous() if b is not None else None
-    if _checks.direct(x2, b):
-        y = _kernels(backend)[0](x2, b, approximate == "tanh")
-    else:
-        fwd = torch.ops.fastlm.bias_gelu_fwd if torch.compiler.is_compiling() else _EagerBiasGelu.apply
-        y = fwd(x2, b, approximate == "tanh", backend)
-    return y.view(input.shape)
+    return bias_gelu_fwd(x2, b, approximate == "tanh", backend=backend).view(input.shape)
+
+
+def linear_gelu(
+    input: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None, approximate: str = "tanh", *,
+    backend: str | None = None,
+) -> Tensor:
+    """gelu(F.linear(input, weight, bias)) for a float weight (N, K) or a fastlm.quant.QuantizedWeight.
+
+    On the torch backend the bias is added inside the matmul, as nn.Linear does (the reference); on
+    the fastlm backends the matmul runs without it and bias_gelu adds it, which saves the pass over
+    the (M, N) output that a separate bias add costs."""
+    quantized = isinstance(weight, QuantizedWeight)
+    if not quantized:
+        _checks.tensor("linear_gelu", "weight", weight)
+    chosen = backends.choose("linear_gelu", input.device, backend)
+    if chosen == "torch":
+        h = quant_linear(input, weight, bias, backend=chosen) if quantized else F.linear(input, weight, bias)
+        return F.gelu(h, approximate=approximate)
+    h = quant_linear(input, weight, backend=chosen) if quantized else F.linear(input, weight)
+    return bias_gelu(h, bias, approximate, backend=chosen)

@@ -29,82 +29,72 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
+from fastlm.ops._dispatch import kernel_op
 
 # Head dims the GPU kernels are built for; the CPU kernel takes any.
 GPU_HEAD_DIMS = (16, 256)
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from fastlm.kernels import attention as k
-
-        return k.attention_fwd, k.attention_bwd, k.decode_attention
-    C = torch.ops.fastlm_C
-    return C.attention_fwd, C.attention_bwd, C.decode_attention
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-# --- custom ops ---------------------------------------------------------------------------------
+# --- the kernels -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+@kernel_op("attention")
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float, backend: str
+    lib, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) for q (B, Hq, Tq, D), k and v (B, Hk, Tk, D); see csrc/fastlm.h for the contract."""
-    return _kernels(backend)[0](q, k, v, mask, is_causal, scale)
+    return lib.attention_fwd(q, k, v, mask, is_causal, scale)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, is_causal, scale, backend):
+def _(q, k, v, mask, is_causal, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
-@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+@kernel_op("attention")
 def attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None,
-    is_causal: bool, scale: float, backend: str,
+    lib, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None,
+    is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of attention_fwd."""
-    return _kernels(backend)[1](dout, q, k, v, out, lse, mask, is_causal, scale)
+    return lib.attention_bwd(dout, q, k, v, out, lse, mask, is_causal, scale)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, is_causal, scale, backend):
+def _(dout, q, k, v, out, lse, mask, is_causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, is_causal, scale, backend = inputs
+    q, k, v, mask, is_causal, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.is_causal, ctx.scale, ctx.backend = is_causal, scale, backend
+    ctx.is_causal, ctx.scale = is_causal, scale
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastlm.attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, mask, ctx.is_causal, ctx.scale, ctx.backend
-    )
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = attention_bwd.via(ctx)(dout.contiguous(), q, k, v, out, lse, mask, ctx.is_causal, ctx.scale)
+    return dq, dk, dv, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_setup_context, _backward, nondiff_outputs=(1,))
 
 
-@torch.library.custom_op("fastlm::decode_attention", mutates_args=())
+@kernel_op("attention", name="decode_attention")
 def decode_attention_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, backend: str
+    lib, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float
 ) -> Tensor:
     """out (B, Hq, Tn, D) of the Tn newest queries against the cache; see csrc/fastlm.h."""
-    return _kernels(backend)[2](q, k_cache, v_cache, cache_seqlens, scale)
+    return lib.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
 
 
 @decode_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, backend):
+def _(q, k_cache, v_cache, cache_seqlens, scale):
     return torch.empty_like(q)
 
 
@@ -226,10 +216,7 @@ def scaled_dot_product_attention(
         mask = _additive(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     s = 1.0 / math.sqrt(d) if scale is None else float(scale)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), mask, is_causal, s)
-    if _checks.direct(query, key, value):
-        out, _ = _kernels(chosen)[0](*args)
-    else:
-        out, _ = torch.ops.fastlm.attention_fwd(*args, chosen)
+    out, _ = attention_fwd(*args, backend=chosen)
     return out.squeeze(0) if three else out
 
 
@@ -300,6 +287,4 @@ def decode_attention(
         return _decode_reference(q, k_cache, v_cache, cache_seqlens, s)
     _checks.backend_dtype(op, chosen, q)
     args = (q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_seqlens.contiguous(), s)
-    if _checks.direct():  # forward only: no gradient ever
-        return _kernels(chosen)[2](*args)
-    return torch.ops.fastlm.decode_attention(*args, chosen)
+    return decode_attention_op(*args, backend=chosen)

@@ -21,96 +21,80 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
+from fastlm.ops._dispatch import kernel_op
 
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from fastlm.kernels import embedding as k
-
-        return k.embedding_fwd, k.tok_pos_embedding_fwd, k.embedding_bwd
-    C = torch.ops.fastlm_C
-    return C.embedding_fwd, C.tok_pos_embedding_fwd, C.embedding_bwd
-
-
-# --- custom ops ---------------------------------------------------------------------------------
+# --- the kernels -------------------------------------------------------------------------------
 
 
 # padding_idx (-1: none) and deterministic only shape the backward; they are arguments of the
 # forward so that its autograd formula has them.
-@torch.library.custom_op("fastlm::embedding_fwd", mutates_args=())
-def embedding_fwd(ids: Tensor, weight: Tensor, padding_idx: int, deterministic: bool, backend: str) -> Tensor:
+@kernel_op("embedding")
+def embedding_fwd(lib, ids: Tensor, weight: Tensor, padding_idx: int, deterministic: bool) -> Tensor:
     """weight[ids] for 1-D ids: (len(ids), D)."""
-    return _kernels(backend)[0](ids, weight)
+    return lib.embedding_fwd(ids, weight)
 
 
 @embedding_fwd.register_fake
-def _(ids, weight, padding_idx, deterministic, backend):
+def _(ids, weight, padding_idx, deterministic):
     return weight.new_empty((ids.shape[0], weight.shape[1]))
 
 
-@torch.library.custom_op("fastlm::tok_pos_embedding_fwd", mutates_args=())
-def tok_pos_embedding_fwd(
-    ids: Tensor, tok: Tensor, pos: Tensor, start_pos: int, deterministic: bool, backend: str
-) -> Tensor:
+@kernel_op("embedding")
+def tok_pos_embedding_fwd(lib, ids: Tensor, tok: Tensor, pos: Tensor, start_pos: int, deterministic: bool) -> Tensor:
     """tok[ids] + pos[start_pos:start_pos + T] for ids (B, T): (B, T, D)."""
-    return _kernels(backend)[1](ids, tok, pos, start_pos)
+    return lib.tok_pos_embedding_fwd(ids, tok, pos, start_pos)
 
 
 @tok_pos_embedding_fwd.register_fake
-def _(ids, tok, pos, start_pos, deterministic, backend):
+def _(ids, tok, pos, start_pos, deterministic):
     return tok.new_empty((ids.shape[0], ids.shape[1], tok.shape[1]))
 
 
-@torch.library.custom_op("fastlm::embedding_bwd", mutates_args=())
-def embedding_bwd(
-    dout: Tensor, ids: Tensor, num_weights: int, padding_idx: int, deterministic: bool, backend: str
-) -> Tensor:
+@kernel_op("embedding")
+def embedding_bwd(lib, dout: Tensor, ids: Tensor, num_weights: int, padding_idx: int, deterministic: bool) -> Tensor:
     """The table's gradient (num_weights, D): rows of dout added at their ids."""
-    return _kernels(backend)[2](dout, ids, num_weights, padding_idx, deterministic)
+    return lib.embedding_bwd(dout, ids, num_weights, padding_idx, deterministic)
 
 
 @embedding_bwd.register_fake
-def _(dout, ids, num_weights, padding_idx, deterministic, backend):
+def _(dout, ids, num_weights, padding_idx, deterministic):
     return dout.new_empty((num_weights, dout.shape[1]))
 
 
 def _embedding_setup(ctx, inputs, output):
-    ids, weight, padding_idx, deterministic, backend = inputs
+    ids, weight, padding_idx, deterministic = inputs
     ctx.save_for_backward(ids)
-    ctx.args = (weight.shape[0], padding_idx, deterministic, backend)
+    ctx.args = (weight.shape[0], padding_idx, deterministic)
 
 
 def _embedding_backward(ctx, dout):
     (ids,) = ctx.saved_tensors
-    dw = torch.ops.fastlm.embedding_bwd(dout.contiguous(), ids, *ctx.args)
-    return None, dw, None, None, None
+    dw = embedding_bwd.via(ctx)(dout.contiguous(), ids, *ctx.args)
+    return None, dw, None, None
 
 
-embedding_fwd.register_autograd(_embedding_backward, setup_context=_embedding_setup)
+embedding_fwd.register_autograd(_embedding_setup, _embedding_backward)
 
 
 def _tok_pos_setup(ctx, inputs, output):
-    ids, tok, pos, start_pos, deterministic, backend = inputs
+    ids, tok, pos, start_pos, deterministic = inputs
     ctx.save_for_backward(ids)
-    ctx.vocab, ctx.positions, ctx.start_pos = tok.shape[0], pos.shape[0], start_pos
-    ctx.deterministic, ctx.backend = deterministic, backend
+    ctx.vocab, ctx.positions, ctx.start_pos, ctx.deterministic = tok.shape[0], pos.shape[0], start_pos, deterministic
 
 
 def _tok_pos_backward(ctx, dout):
     (ids,) = ctx.saved_tensors
     b, t, d = dout.shape
     dout = dout.contiguous()
-    dtok = torch.ops.fastlm.embedding_bwd(
-        dout.view(b * t, d), ids.reshape(-1), ctx.vocab, -1, ctx.deterministic, ctx.backend
-    )
+    dtok = embedding_bwd.via(ctx)(dout.view(b * t, d), ids.reshape(-1), ctx.vocab, -1, ctx.deterministic)
     # Each position row sums over the batch: a plain reduction, which torch does at full speed.
     dpos = dout.new_zeros((ctx.positions, d))
     acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
     dpos[ctx.start_pos:ctx.start_pos + t] = dout.sum(0, dtype=acc).to(dout.dtype)
-    return None, dtok, dpos, None, None, None
+    return None, dtok, dpos, None, None
 
 
-tok_pos_embedding_fwd.register_autograd(_tok_pos_backward, setup_context=_tok_pos_setup)
+tok_pos_embedding_fwd.register_autograd(_tok_pos_setup, _tok_pos_backward)
 
 # --- the public functions ---------------------------------------------------------------------
 
@@ -160,11 +144,8 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, *, 
         return F.embedding(input, weight, padding_idx)
     _checks.backend_dtype("embedding", backend, weight)
     ids, table = input.reshape(-1).contiguous(), weight.contiguous()
-    if _checks.direct(weight):
-        out = _kernels(backend)[0](ids, table)
-    else:
-        out = torch.ops.fastlm.embedding_fwd(ids, table, -1 if padding_idx is None else padding_idx,
-                                             torch.are_deterministic_algorithms_enabled(), backend)
+    out = embedding_fwd(ids, table, -1 if padding_idx is None else padding_idx,
+                        torch.are_deterministic_algorithms_enabled(), backend=backend)
     return out.view(*input.shape, weight.shape[1])
 
 
@@ -196,9 +177,6 @@ def token_position_embedding(
     _checks.backend_dtype(op, backend, token_weight)
     ids2 = ids.reshape(-1, t).contiguous()
     tok, pos = token_weight.contiguous(), position_weight.contiguous()
-    if _checks.direct(token_weight, position_weight):
-        out = _kernels(backend)[1](ids2, tok, pos, start_pos)
-    else:
-        out = torch.ops.fastlm.tok_pos_embedding_fwd(ids2, tok, pos, start_pos,
-                                                     torch.are_deterministic_algorithms_enabled(), backend)
+    out = tok_pos_embedding_fwd(ids2, tok, pos, start_pos, torch.are_deterministic_algorithms_enabled(),
+                                backend=backend)
     return out.view(*ids.shape, token_weight.shape[1])

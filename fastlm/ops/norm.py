@@ -8,9 +8,10 @@
 The first two mirror torch.nn.functional. The add_ variants return (norm(x + residual), x + residual)
 from one pass over memory: the pattern `h = h + block(h); y = norm(h)` of every pre-norm block.
 
-Every backend but "torch" runs through two custom ops, torch.ops.fastlm.norm_fwd and
-torch.ops.fastlm.norm_bwd, over the input flattened to (rows, N). The "torch" backend is the
-reference: it calls torch.nn.functional itself, so eager and compiled torch see their own ops.
+Every backend but "torch" runs two kernel ops (fastlm/ops/_dispatch.py), registered as
+torch.ops.fastlm.norm_fwd and torch.ops.fastlm.norm_bwd, over the input flattened to (rows, N).
+The "torch" backend is the reference: it calls torch.nn.functional itself, so eager and compiled
+torch see their own ops.
 """
 
 from __future__ import annotations
@@ -24,34 +25,25 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
+from fastlm.ops._dispatch import kernel_op
 
-# --- kernels, by backend ----------------------------------------------------------------------
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from fastlm.kernels import norm
-
-        return norm.norm_fwd, norm.norm_bwd
-    # cpu and cuda share one op in fastlm._C; the dispatcher picks the kernel by device.
-    return torch.ops.fastlm_C.norm_fwd, torch.ops.fastlm_C.norm_bwd
+# --- the kernels -------------------------------------------------------------------------------
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastlm::norm_fwd", mutates_args=())
+@kernel_op("norm")
 def norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-    eps: float, rms: bool, backend: str,
+    lib, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float, rms: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, h, mean, rstd) for x of shape (M, N); see csrc/fastlm.h for the full contract."""
-    return _kernels(backend)[0](x, weight, bias, residual, eps, rms)
+    return lib.norm_fwd(x, weight, bias, residual, eps, rms)
 
 
 @norm_fwd.register_fake
-def _(x, weight, bias, residual, eps, rms, backend):
+def _(x, weight, bias, residual, eps, rms):
     m = x.shape[0]
     stat = x.new_empty((m,), dtype=_stat_dtype(x))
     h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
@@ -59,62 +51,43 @@ def _(x, weight, bias, residual, eps, rms, backend):
     return torch.empty_like(x), h, mean, stat
 
 
-@torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
+@kernel_op("norm")
 def norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, dh: Tensor | None,
-    rms: bool, has_bias: bool, backend: str,
+    lib, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, dh: Tensor | None,
+    rms: bool, has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of norm_fwd; dh, the gradient into h, is added to dx."""
-    return _kernels(backend)[1](dy, x, weight, mean, rstd, dh, rms, has_bias)
+    return lib.norm_bwd(dy, x, weight, mean, rstd, dh, rms, has_bias)
 
 
 @norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, dh, rms, has_bias, backend):
+def _(dy, x, weight, mean, rstd, dh, rms, has_bias):
     dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
     db = x.new_empty((x.shape[1],)) if has_bias else x.new_empty((0,))
     return torch.empty_like(x), dw, db
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, _eps, rms, backend = inputs
+    x, weight, bias, residual, _eps, rms = inputs
     _y, h, mean, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-    ctx.rms, ctx.backend = rms, backend
-    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
 
 
-def _backward(ctx, dy, dh, _dmean, _drstd, eager: bool = False):
+def _backward(ctx, dy, dh, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dh = dh.contiguous() if ctx.has_residual and dh is not None else None
-    args = (dy.contiguous(), x, weight, mean, rstd, dh, ctx.rms, ctx.has_bias)
-    dx, dw, db = _kernels(ctx.backend)[1](*args) if eager else torch.ops.fastlm.norm_bwd(*args, ctx.backend)
+    dx, dw, db = norm_bwd.via(ctx)(dy.contiguous(), x, weight, mean, rstd, dh, ctx.rms, ctx.has_bias)
     return (
         dx,
         dw if weight is not None else None,
         db if ctx.has_bias else None,
         dx if ctx.has_residual else None,
-        None, None, None,
+        None, None,
     )
 
 
-norm_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerNorm(torch.autograd.Function):
-    """norm_fwd and its backward, calling the kernels directly. Outside torch.compile this is what
-    runs: the custom op's Python layers cost about 100 us a call, as long as a whole layer norm of
-    a small model takes. The kernels, and so the results, are the same."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, rms, backend):
-        out = _kernels(backend)[0](x, weight, bias, residual, eps, rms)
-        _setup_context(ctx, (x, weight, bias, residual, eps, rms, backend), out)
-        ctx.mark_non_differentiable(out[2], out[3])
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, dh, dmean, drstd):
-        return _backward(ctx, dy, dh, dmean, drstd, eager=True)
+norm_fwd.register_autograd(_setup_context, _backward, nondiff_outputs=(2, 3))
 
 # --- the public functions ---------------------------------------------------------------------
 
@@ -165,13 +138,7 @@ def _run(op, x, residual, shape, weight, bias, eps, rms, backend):
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
     w = _cast(weight, x).reshape(n).contiguous() if weight is not None else None
     b = _cast(bias, x).reshape(n).contiguous() if bias is not None else None
-    if _checks.direct(x2, w, b, r2):
-        # Inference (decode runs a norm per layer per token): nothing to record for autograd.
-        fwd = _kernels(backend)[0]
-        y, h, _, _ = fwd(x2, w, b, r2, float(eps), rms)
-    else:
-        fwd = torch.ops.fastlm.norm_fwd if torch.compiler.is_compiling() else _EagerNorm.apply
-        y, h, _, _ = fwd(x2, w, b, r2, float(eps), rms, backend)
+    y, h, _, _ = norm_fwd(x2, w, b, r2, float(eps), rms, backend=backend)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else None)
 
 

@@ -7,8 +7,9 @@ input (..., K) may have any leading dims, and the result is (..., N) in input's 
 given, is cast to input's dtype. The kernels never make a float copy of the weight: they read
 the packed bytes and multiply in float32.
 
-Every backend but "torch" runs through the custom op torch.ops.fastlm.quant_matmul over the input
-flattened to (M, K). The "torch" backend is the reference: dequantize, then F.linear.
+Every backend but "torch" runs the kernel op (fastlm/ops/_dispatch.py) registered as
+torch.ops.fastlm.quant_matmul, over the input flattened to (M, K). The "torch" backend is the
+reference: dequantize, then F.linear.
 
 Backward gives the input gradient dx = dy dequant(W), computed in torch by dequantizing the
 weight (in dy's dtype) and a dense matmul, and the bias gradient when the bias needs one. The
@@ -23,24 +24,11 @@ from torch import Tensor
 
 from fastlm import backends, quant
 from fastlm.ops import _checks
+from fastlm.ops._dispatch import kernel_op
 from fastlm.quant import QuantizedWeight
 
-# The input dtypes each backend computes with.
-DTYPES = {
-    "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "cpu": (torch.float32, torch.bfloat16),
-    "cuda": (torch.float16, torch.bfloat16, torch.float32),
-    "triton": (torch.float16, torch.bfloat16, torch.float32),
-}
-
-
-def _kernel(backend: str):
-    if backend == "triton":
-        from fastlm.kernels import quant_matmul as k
-
-        return k.quant_matmul
-    # cpu and cuda share one op in fastlm._C; the dispatcher picks the kernel by device.
-    return torch.ops.fastlm_C.quant_matmul
+# The input dtypes each backend computes with: the CPU kernel takes float32 and bfloat16 only.
+DTYPES = {**_checks.BACKEND_DTYPES, "torch": _checks.FLOAT_DTYPES, "cpu": (torch.float32, torch.bfloat16)}
 
 
 def _dequant(qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,
@@ -50,22 +38,22 @@ def _dequant(qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, g
     return quant.dequantize(qw, dtype)
 
 
-@torch.library.custom_op("fastlm::quant_matmul", mutates_args=())
+@kernel_op("quant_matmul")
 def quant_matmul(
-    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
-    bits: int, group_size: int, backend: str,
+    lib, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
+    bits: int, group_size: int,
 ) -> Tensor:
     """x (M, K) dequant(W)^T + bias: (M, N) in x's dtype; see csrc/fastlm.h for the contract."""
-    return _kernel(backend)(x, qweight, scales, zeros, bias, bits, group_size)
+    return lib.quant_matmul(x, qweight, scales, zeros, bias, bits, group_size)
 
 
 @quant_matmul.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size, backend):
+def _(x, qweight, scales, zeros, bias, bits, group_size):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, bits, group_size, _backend = inputs
+    x, qweight, scales, zeros, bias, bits, group_size = inputs
     ctx.save_for_backward(qweight, scales, zeros)
     ctx.bits, ctx.group_size = bits, group_size
     ctx.has_bias = bias is not None
@@ -77,10 +65,10 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx = dy @ _dequant(qweight, scales, zeros, ctx.bits, ctx.group_size, dy.dtype)
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return dx, None, None, None, db, None, None, None
+    return dx, None, None, None, db, None, None
 
 
-quant_matmul.register_autograd(_backward, setup_context=_setup_context)
+quant_matmul.register_autograd(_setup_context, _backward)
 
 # --- the public function ----------------------------------------------------------------------
 
@@ -97,20 +85,13 @@ def _check(op: str, input, weight, bias) -> None:
         _checks.like(op, "bias", bias, input, "input", shape=(n,), same_dtype=False)
 
 
-def _check_dtype(op: str, backend: str, input: Tensor) -> None:
-    allowed = DTYPES[backend]
-    if input.dtype not in allowed:
-        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        raise TypeError(f"{op}: backend {backend!r} supports input dtypes {names}; input has dtype {input.dtype}")
-
-
 def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = None, *,
                  backend: str | None = None) -> Tensor:
     """torch.nn.functional.linear with a quantized weight, on the chosen backend."""
     op = "quant_linear"
     _check(op, input, weight, bias)
     backend = backends.choose(op, input.device, backend)
-    _check_dtype(op, backend, input)
+    _checks.backend_dtype(op, backend, input, DTYPES)
     if bias is not None and bias.dtype != input.dtype:
         bias = bias.to(input.dtype)
     n, k = weight.shape
@@ -121,9 +102,5 @@ def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
     args = (x2, weight.qweight.contiguous(), weight.scales.contiguous(),
             None if weight.zeros is None else weight.zeros.contiguous(),
             None if bias is None else bias.contiguous(), weight.bits, weight.group_size)
-    if _checks.direct(input, bias):
-        # Decode calls the op once per layer per token, for a millisecond or less.
-        y = _kernel(backend)(*args)
-    else:
-        y = torch.ops.fastlm.quant_matmul(*args, backend)
+    y = quant_matmul(*args, backend=backend)
     return y if input.dim() == 2 else y.view(*input.shape[:-1], n)
