@@ -9,14 +9,11 @@ backend. Tests marked `triton` are selected with -m triton.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _env import INTERPRET
 
 from fastlm import backends
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def backend_params() -> list[tuple[str, str]]:

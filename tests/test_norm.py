@@ -1,31 +1,37 @@
-"""layer_norm, rms_norm and their add_ variants on every backend, against a float64 reference."""
+"""layer_norm, rms_norm and their add_ variants on every backend, against the float64 reference."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.nn.functional as F
+from _env import LOW
 
 import fastlm
 from fastlm import ops
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from fastlm import reference as ref
 
 SHAPES = [(1, 1), (3, 7, 1023), (5, 123), (2, 4097), (0, 16)]
-LOW = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]  # bf16 is broken in the interpreter
+EPS = 1e-5
 
 
-def reference(kind, x, shape, w, b, eps, residual=None):
-    """The float64 truth: (y, h) with h = x + residual rounded to x's dtype, as torch would."""
-    h = x if residual is None else x + residual
-    hd, wd = h.double(), None if w is None else w.double()
+def ref_norm(kind, x, shape, w, b, residual=None):
     if kind == "layer":
-        y = F.layer_norm(hd, shape, wd, None if b is None else b.double(), eps)
-    else:
-        y = F.rms_norm(hd, shape, wd, eps)
-    return y, h
+        return ref.layer_norm(x, shape, w, b, EPS, residual)
+    return ref.rms_norm(x, shape, w, EPS, residual)
+
+
+def reference(kind, x, shape, w, b, r, dy=None, dh=None):
+    """The float64 truth of one case: (y, h, [dx, dweight, dbias, dresidual]). h = x + r rounds to
+    x's dtype, as torch's add; the gradients of <y, dy> + <h, dh> go through the float64 norm of
+    that rounded h."""
+    y, h = ref_norm(kind, cpu(x), shape, cpu(w), cpu(b), cpu(r))
+    if dy is None:
+        return y, h, None
+    hd, wd, bd = (None if t is None else t.double().requires_grad_() for t in (h, cpu(w), cpu(b)))
+    want = grads(ref_norm(kind, hd, shape, wd, bd)[0], [hd, wd, bd], dy)
+    if dh is not None:
+        want[0] = want[0] + dh
+    return y, h, want + [want[0] if r is not None else None]
 
 
 def run(kind, x, shape, w, b, eps, backend, residual=None):
@@ -66,27 +72,21 @@ def check_case(kind, shape, ndims, dtype, device, backend, affine, residual, tol
     if kind == "rms":
         b = None
     leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b, r)]
-    y, h = run(kind, x, ns, w, b, 1e-5, backend, r)
-    yr, hr = reference(kind, cpu(x), ns, cpu(w), cpu(b), 1e-5, cpu(r))
+    y, h = run(kind, x, ns, w, b, EPS, backend, r)
     assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    if x.numel() == 0:
+        yr, hr, _ = reference(kind, x, ns, w, b, r)
+    else:
+        # The reference sees the same rounded dy (and dy2 into h) as the kernel.
+        dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+        dh = torch.randn(shape, dtype=torch.float64).to(dtype) if residual else None
+        yr, hr, want = reference(kind, x, ns, w, b, r, dy.double(), None if dh is None else dh.double())
     torch.testing.assert_close(y.cpu().double(), yr, **tol)
     if residual:
         torch.testing.assert_close(h.cpu(), hr)  # the add is exact in the input dtype
     if x.numel() == 0:
         return
-    dy = torch.randn(shape, dtype=torch.float64)
-    # The reference differentiates through the float64 norm of the rounded h, plus dy2 into h.
-    dh = torch.randn(shape, dtype=torch.float64) if residual else None
-    got = grads((y, h) if residual else y, leaves,
-                (dy.to(dtype).to(device), dh.to(dtype).to(device)) if residual else dy.to(dtype).to(device))
-    xd = (x.detach().cpu().double() if r is None else (x.detach() + r.detach()).cpu().double()).requires_grad_()
-    wd = w.detach().cpu().double().requires_grad_() if w is not None else None
-    bd = b.detach().cpu().double().requires_grad_() if b is not None else None
-    yd = (F.layer_norm(xd, ns, wd, bd, 1e-5) if kind == "layer" else F.rms_norm(xd, ns, wd, 1e-5))
-    want = grads(yd, [xd, wd, bd], dy)
-    if residual:
-        want[0] = want[0] + dh
-        want.append(want[0])
+    got = grads((y, h) if residual else y, leaves, (dy.to(device), dh.to(device)) if residual else dy.to(device))
     for name, g, wg in zip(("dx", "dweight", "dbias", "dresidual"), got, want):
         if g is None:
             continue
@@ -124,23 +124,18 @@ def test_float64(backend, device):
         check_case(kind, (6, 300), 1, torch.float64, device, backend, True, True, tol)
 
 
-def low_precision_error(kind, dtype, device, backend, residual):
-    """Max error against float64, for output and gradients, scaled by the reference's size."""
+def low_precision_case(kind, dtype, device, backend, residual):
+    """y and the gradients of a (64, 512) case in dtype, each beside its float64 truth."""
     x, ns, w, b, r = make((64, 512), 1, dtype, device, True, residual)
     if kind == "rms":
         b = None
     leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b, r)]
-    y, _ = run(kind, x, ns, w, b, 1e-5, backend, r)
-    dy = torch.randn(x.shape, dtype=torch.float64)
-    got = [y] + [g for g in grads(y, leaves, dy.to(dtype).to(device)) if g is not None]
-    xd = (x.detach() if r is None else x.detach() + r.detach()).cpu().double().requires_grad_()
-    wd = w.detach().cpu().double().requires_grad_()
-    bd = b.detach().cpu().double().requires_grad_() if b is not None else None
-    yd = F.layer_norm(xd, ns, wd, bd, 1e-5) if kind == "layer" else F.rms_norm(xd, ns, wd, 1e-5)
-    want = [yd.detach()] + [g for g in grads(yd, [xd, wd, bd], dy) if g is not None]
-    if residual:
-        want.append(want[1])
-    return [((g.cpu().double() - t).abs().max() / t.abs().max()).item() for g, t in zip(got, want)]
+    y, _ = run(kind, x, ns, w, b, EPS, backend, r)
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    got = [y] + grads(y, leaves, dy.to(device))
+    yr, _, want = reference(kind, x, ns, w, b, r, dy.double())
+    names = ("y", "dx", "dweight", "dbias", "dresidual")
+    return {n: (g, t) for n, g, t in zip(names, got, [yr] + want) if g is not None}
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -150,19 +145,19 @@ def test_low_precision_within_twice_torch(backend, device, dtype, kind, residual
     if backend == "torch":
         pytest.skip("the torch path is the yardstick here")
     torch.manual_seed(1)
-    ours = low_precision_error(kind, dtype, device, backend, residual)
+    ours = low_precision_case(kind, dtype, device, backend, residual)
     torch.manual_seed(1)
-    theirs = low_precision_error(kind, dtype, "cpu", "torch", residual)
-    floor = torch.finfo(dtype).eps  # one rounding of the result
-    for name, e, t in zip(("y", "dx", "dweight", "dbias", "dresidual"), ours, theirs):
-        assert e <= 2 * t + floor, f"{name}: error {e:.3g} vs torch's {t:.3g} in {dtype}"
+    theirs = low_precision_case(kind, dtype, "cpu", "torch", residual)
+    for name, (got, want) in ours.items():
+        # The floor: one rounding of the result.
+        ref.assert_within_twice_torch(got, theirs[name][0], want, floor=torch.finfo(dtype).eps, name=name)
 
 
 def test_noncontiguous_input(backend, device):
     x = torch.randn(33, 64, dtype=torch.float32, device=device).t()  # (64, 33), strided
     w = torch.randn(33, device=device)
     y = ops.layer_norm(x, (33,), w, None, backend=backend)
-    torch.testing.assert_close(y.double().cpu(), F.layer_norm(x.double().cpu(), (33,), w.double().cpu()), **F32_TOL)
+    torch.testing.assert_close(y.double().cpu(), ref.layer_norm(x.cpu(), (33,), w.cpu())[0], **F32_TOL)
 
 
 def test_weight_in_another_dtype_is_cast(backend, device):
