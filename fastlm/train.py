@@ -33,7 +33,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +197,17 @@ def set_rng_state(s: dict) -> None:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
+@contextmanager
+def _reading(path: Path, problem: str, *errors: type[Exception]):
+    """Report `errors` raised while loading what `path` holds as a CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except errors as e:
+        raise CheckpointError(f"{path}: {problem} ({e})") from None
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -206,13 +217,13 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON, the checkpoint is corrupt or truncated ({e})") from None
 
 
-def _read_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.exists():
         raise CheckpointError(f"{path}: missing from the checkpoint")
     try:
-        return load_file(str(path), device=str(device))
+        return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
         raise CheckpointError(f"{path}: not a readable safetensors file, the checkpoint is corrupt or "
                               f"truncated ({e})") from None
@@ -231,8 +242,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p}: no checkpoint here (neither a `latest` file nor model.safetensors)")
 
 
-def save_checkpoint(out: Path, step: int, model: Transformer, opt: torch.optim.Optimizer, trainer: dict,
-                    tokenizer: Path | None, keep: int) -> Path:
+def _full_state(model: Transformer, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state_dict, on the CPU."""
+    model_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return model_state, opt.state_dict()
+
+
+def save_checkpoint(out: Path, step: int, model_state: dict, model_config: TransformerConfig, opt_state: dict,
+                    trainer: dict, tokenizer: Path | None, keep: int) -> Path:
+    """Write out/step_<step> whole under a temporary name, then point `latest` at it; keep the
+    newest `keep` checkpoints."""
     from safetensors.torch import save_file
 
     name = f"step_{step:06d}"
@@ -240,19 +259,18 @@ def save_checkpoint(out: Path, step: int, model: Transformer, opt: torch.optim.O
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
-    sd = opt.state_dict()
+    save_file(model_state, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(model_config.to_dict(), indent=1) + "\n")
     tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
+    for idx, st in opt_state["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{idx}.{k}"] = v
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}) + "\n")
+    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": opt_state["param_groups"],
+                                                    "scalars": scalars}) + "\n")
     (tmp / "trainer.json").write_text(json.dumps(trainer) + "\n")
     if tokenizer is not None and tokenizer.exists():
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -268,40 +286,39 @@ def save_checkpoint(out: Path, step: int, model: Transformer, opt: torch.optim.O
     return final
 
 
+def _load_config(ckpt: Path, backend: str | None) -> TransformerConfig:
+    with _reading(ckpt / "config.json", "not a valid model configuration", TypeError, ValueError):
+        return TransformerConfig.from_dict({**_read_json(ckpt / "config.json"), "backend": backend})
+
+
+def _load_weights(model: Transformer, ckpt: Path) -> None:
+    state = _read_tensors(ckpt / "model.safetensors")
+    with _reading(ckpt / "model.safetensors", "does not match config.json", RuntimeError):
+        model.load_state_dict(state)
+
+
+def _load_optimizer(model: Transformer, opt: torch.optim.Optimizer, ckpt: Path) -> None:
+    tensors = _read_tensors(ckpt / "optimizer.safetensors")
+    meta = _read_json(ckpt / "optimizer.json")
+    with _reading(ckpt / "optimizer.json", "does not match the model", ValueError, KeyError):
+        state: dict[int, dict] = {}
+        for key, v in [*tensors.items(), *meta["scalars"].items()]:
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", backend: str | None = None
                ) -> tuple[Transformer, Path]:
     """The model of a checkpoint (or of a run directory's latest one), in eval mode; and the
     checkpoint directory."""
     ckpt = resolve_checkpoint(path)
-    try:
-        cfg = TransformerConfig.from_dict({**_read_json(ckpt / "config.json"), "backend": backend})
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{ckpt / 'config.json'}: not a valid model configuration ({e})") from None
-    model = Transformer(cfg)
-    state = _read_tensors(ckpt / "model.safetensors")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt / 'model.safetensors'}: does not match config.json ({e})") from None
+    model = Transformer(_load_config(ckpt, backend))
+    _load_weights(model, ckpt)
     return model.to(device).eval(), ckpt
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, ckpt: Path) -> None:
-    tensors = _read_tensors(ckpt / "optimizer.safetensors")
-    meta = _read_json(ckpt / "optimizer.json")
-    state: dict[int, dict] = {}
-    for key, v in [*tensors.items(), *meta["scalars"].items()]:
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    try:
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt / 'optimizer.json'}: does not match the model ({e})") from None
-
-
-# --- the loop ------------------------------------------------------------------------------------
+# --- one process's run ---------------------------------------------------------------------------
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -325,6 +342,145 @@ def evaluate(model, tokens, cfg: TrainConfig, seq_len: int, device, rank: int, w
                 total += float(model(xm, ym)[1]) * len(xm)
     model.train(was)
     return _mean_over_ranks(total / (cfg.eval_batches * cfg.batch_size // world), world)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one process of a training run holds."""
+
+    cfg: TrainConfig                # resolved
+    rank: int
+    world: int
+    device: torch.device
+    model: Transformer
+    run: torch.nn.Module            # what is called: the model, or DDP around it; compiled if cfg.compile
+    opt: torch.optim.AdamW
+    batches: fdata.TokenBatches
+    val_tokens: np.ndarray
+    seq_len: int
+    accum: int                      # micro-batches per step in this process
+    step: int = 0
+
+
+def _resumed_config(cfg: TrainConfig, saved: dict, ckpt: Path) -> TrainConfig:
+    """The stored run defines everything but the length of training and the progress bar."""
+    with _reading(ckpt / "trainer.json", "not a trainer state of this fastlm", KeyError, TypeError):
+        return TrainConfig(**{**saved["train_config"], "steps": cfg.steps, "progress": cfg.progress})
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device:
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _model_config(cfg: TrainConfig, ckpt: Path | None) -> tuple[TransformerConfig, int]:
+    """The model's configuration (the checkpoint's, or the preset's with overrides) and seq_len."""
+    meta = fdata.read_meta(cfg.data)
+    if ckpt is not None:
+        model_cfg = _load_config(ckpt, cfg.backend)
+    else:
+        model_cfg = TransformerConfig.preset(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model,
+                                                            "backend": cfg.backend})
+    if meta["vocab_size"] > model_cfg.vocab_size:
+        raise ValueError(f"train: the data's vocabulary ({meta['vocab_size']}) exceeds the model's "
+                         f"vocab_size ({model_cfg.vocab_size})")
+    seq_len = cfg.seq_len or model_cfg.block_size
+    if seq_len > model_cfg.block_size:
+        raise ValueError(f"train: seq_len {seq_len} exceeds the model's block_size {model_cfg.block_size}")
+    return model_cfg, seq_len
+
+
+def _start(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int, local_rank: int) -> _Run:
+    """Model, optimizer and batches of a fresh run (a resumed one then loads its state into them)."""
+    device = _device(cfg, local_rank)
+    per_rank = cfg.batch_size // world
+    if cfg.batch_size % world or per_rank % cfg.micro_batch_size:
+        raise ValueError(f"train: batch_size {cfg.batch_size} must split into {world} process(es) x whole "
+                         f"micro-batches of {cfg.micro_batch_size}")
+    model_cfg, seq_len = _model_config(cfg, ckpt)
+    # Every process builds the same initial model; DDP would broadcast rank 0's anyway.
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).to(device)
+    run = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = make_optimizer(model, cfg, device)
+    if cfg.compile:
+        run = torch.compile(run)
+    # Dropout masks should differ between processes.
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    batches = fdata.TokenBatches(fdata.load_tokens(cfg.data, "train"), cfg.batch_size, seq_len, seed=cfg.seed,
+                                 rank=rank, world=world)
+    return _Run(cfg, rank, world, device, model, run, opt, batches, fdata.load_tokens(cfg.data, "val"), seq_len,
+                per_rank // cfg.micro_batch_size)
+
+
+def _restore(r: _Run, ckpt: Path, saved: dict) -> None:
+    """Weights, optimizer state, step, RNG states and sampler position of a checkpoint."""
+    _load_weights(r.model, ckpt)
+    _load_optimizer(r.model, r.opt, ckpt)
+    with _reading(ckpt / "trainer.json", "not a trainer state of this fastlm", KeyError, TypeError, ValueError):
+        r.step = saved["step"]
+        rngs = saved["rng"]
+        set_rng_state(rngs[r.rank] if r.rank < len(rngs) else rngs[0])
+        r.batches.load_state_dict(saved["sampler"])
+
+
+def _grad_sync(r: _Run, last: bool):
+    """Gradients are averaged across processes only on a step's last micro-batch."""
+    return nullcontext() if r.world == 1 or last else r.run.no_sync()
+
+
+def _optimizer_step(r: _Run, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step on the next global batch: (the micro-batches' summed loss, the gradient norm
+    before clipping, or None without clipping)."""
+    cfg = r.cfg
+    for g in r.opt.param_groups:
+        g["lr"] = lr
+    x, y = r.batches.next(r.device)
+    loss_sum = torch.zeros((), device=r.device)
+    for i, (xm, ym) in enumerate(zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size))):
+        with _grad_sync(r, last=i == r.accum - 1), _autocast(r.device, cfg.dtype):
+            _, loss = r.run(xm, ym)
+            (loss / r.accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = None
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    r.step += 1
+    return loss_sum, grad_norm
+
+
+def _checkpoint(r: _Run, out: Path) -> None:
+    """Every process sends its RNG states; rank 0 writes the checkpoint."""
+    rngs = [rng_state()]
+    if r.world > 1:
+        rngs = [None] * r.world
+        dist.all_gather_object(rngs, rng_state())
+    model_state, opt_state = _full_state(r.model, r.opt)
+    if r.rank == 0:
+        trainer = {"step": r.step, "train_config": dataclasses.asdict(r.cfg), "rng": rngs,
+                   "sampler": r.batches.state_dict(), "world": r.world}
+        save_checkpoint(out, r.step, model_state, r.model.config, opt_state, trainer,
+                        Path(r.cfg.data) / "tokenizer.json", r.cfg.keep)
+    if r.world > 1:
+        dist.barrier()
+
+
+# --- the loop ------------------------------------------------------------------------------------
 
 
 def plot_metrics(metrics: Path, png: Path) -> Path | None:
@@ -360,156 +516,71 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or resume) training; returns the last logged metrics."""
-    rank, world, local_rank = _setup_distributed()
-    out = Path(cfg.out)
-    ckpt = None
-    if resume and (out / "latest").exists():
-        ckpt = resolve_checkpoint(out)
-        saved = _read_json(ckpt / "trainer.json")
-        # The stored run defines everything but the length of training and the progress bar.
-        try:
-            cfg = TrainConfig(**{**saved["train_config"], "steps": cfg.steps, "progress": cfg.progress})
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt / 'trainer.json'}: not a trainer state of this fastlm ({e})") from None
-    cfg = cfg.resolved()
-    if cfg.device:
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    main = rank == 0
-
-    per_rank = cfg.batch_size // world
-    if cfg.batch_size % world or per_rank % cfg.micro_batch_size:
-        raise ValueError(f"train: batch_size {cfg.batch_size} must split into {world} process(es) x whole "
-                         f"micro-batches of {cfg.micro_batch_size}")
-    accum = per_rank // cfg.micro_batch_size
-
-    meta = fdata.read_meta(cfg.data)
-    if ckpt is not None:
-        model_cfg = TransformerConfig.from_dict({**_read_json(ckpt / "config.json"), "backend": cfg.backend})
-    else:
-        model_cfg = TransformerConfig.preset(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model,
-                                                            "backend": cfg.backend})
-    if meta["vocab_size"] > model_cfg.vocab_size:
-        raise ValueError(f"train: the data's vocabulary ({meta['vocab_size']}) exceeds the model's "
-                         f"vocab_size ({model_cfg.vocab_size})")
-    seq_len = cfg.seq_len or model_cfg.block_size
-    if seq_len > model_cfg.block_size:
-        raise ValueError(f"train: seq_len {seq_len} exceeds the model's block_size {model_cfg.block_size}")
-
-    # Every process builds the same initial model; DDP would broadcast rank 0's anyway.
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg).to(device)
-    opt = make_optimizer(model, cfg, device)
-    # Dropout masks should differ between processes.
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    train_tokens = fdata.load_tokens(cfg.data, "train")
-    val_tokens = fdata.load_tokens(cfg.data, "val")
-    batches = fdata.TokenBatches(train_tokens, cfg.batch_size, seq_len, seed=cfg.seed, rank=rank, world=world)
-
-    step = 0
-    metrics_path = out / "metrics.jsonl"
-    if ckpt is not None:
-        state = _read_tensors(ckpt / "model.safetensors", device)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"{ckpt / 'model.safetensors'}: does not match config.json ({e})") from None
-        _load_optimizer(opt, ckpt)
-        step = saved["step"]
-        rngs = saved["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        batches.load_state_dict(saved["sampler"])
-        if main:
-            _truncate_metrics(metrics_path, step)
-            print(f"resuming {out} from step {step} ({ckpt.name})")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".tmp-step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        print(f"model: {model.num_params() / 1e6:.2f} M parameters, {model_cfg.n_layer} layers, "
-              f"d_model {model_cfg.d_model}; {world} process(es) x {accum} micro-batch(es) of "
-              f"{cfg.micro_batch_size} x {seq_len} tokens per step; device {device}")
-
-    run = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        run = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        run = torch.compile(run)
-
+def _loop(r: _Run, out: Path) -> dict:
+    """Steps until cfg.steps, logging, evaluating and checkpointing on schedule; the last row."""
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (main and cfg.progress), unit="step", dynamic_ncols=True)
-    tokenizer_file = Path(cfg.data) / "tokenizer.json"
+    cfg, main = r.cfg, r.rank == 0
+    bar = tqdm(total=cfg.steps, initial=r.step, disable=not (main and cfg.progress), unit="step", dynamic_ncols=True)
     last: dict = {}
     t0, tokens_since = time.perf_counter(), 0
-    model.train()
-    while step < cfg.steps:
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = batches.next(device)
-        loss_sum = torch.zeros((), device=device)
-        for i, (xm, ym) in enumerate(zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size))):
-            # Gradients are averaged across processes only on the last micro-batch.
-            sync = nullcontext() if world == 1 or i == accum - 1 else run.no_sync()
-            with sync, _autocast(device, cfg.dtype):
-                _, loss = run(xm, ym)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_since += cfg.batch_size * seq_len
+    r.model.train()
+    while r.step < cfg.steps:
+        lr = lr_at(r.step, cfg)
+        loss_sum, grad_norm = _optimizer_step(r, lr)
+        tokens_since += cfg.batch_size * r.seq_len
         bar.update(1)
-
+        final = r.step == cfg.steps
         row: dict = {}
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": _mean_over_ranks(float(loss_sum) / accum, world), "lr": lr,
-                   "tokens_per_s": tokens_since / dt}
+        if r.step % cfg.log_every == 0 or final:
+            row = {"step": r.step, "loss": _mean_over_ranks(float(loss_sum) / r.accum, r.world), "lr": lr,
+                   "tokens_per_s": tokens_since / (time.perf_counter() - t0)}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             t0, tokens_since = time.perf_counter(), 0
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = evaluate(run, val_tokens, cfg, seq_len, device, rank, world)
-            row = {"step": step, **row, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        if r.step % cfg.eval_every == 0 or final:
+            val = evaluate(r.run, r.val_tokens, cfg, r.seq_len, r.device, r.rank, r.world)
+            row = {"step": r.step, **row, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
             if main:
-                bar.write(f"step {step}: val loss {val:.4f}, perplexity {row['val_ppl']:.2f}")
+                bar.write(f"step {r.step}: val loss {val:.4f}, perplexity {row['val_ppl']:.2f}")
         if row and main:
-            with open(metrics_path, "a") as f:
+            with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             last = row
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-            rngs = [rng_state()]
-            sampler = batches.state_dict()
-            if world > 1:
-                gathered: list = [None] * world
-                dist.all_gather_object(gathered, rngs[0])
-                rngs = gathered
-            if main:
-                trainer = {"step": step, "train_config": dataclasses.asdict(cfg), "rng": rngs, "sampler": sampler,
-                           "world": world}
-                save_checkpoint(out, step, model, opt, trainer, tokenizer_file, cfg.keep)
-            if world > 1:
-                dist.barrier()
+        if (cfg.ckpt_every and r.step % cfg.ckpt_every == 0) or final:
+            _checkpoint(r, out)
     bar.close()
-    if main and metrics_path.exists():
-        png = plot_metrics(metrics_path, out / "curves.png")
+    return last
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or resume) training; returns the last logged metrics."""
+    rank, world, local_rank = _setup_distributed()
+    out = Path(cfg.out)
+    ckpt = resolve_checkpoint(out) if resume and (out / "latest").exists() else None
+    if ckpt is not None:
+        saved = _read_json(ckpt / "trainer.json")
+        cfg = _resumed_config(cfg, saved, ckpt)
+    cfg = cfg.resolved()
+    r = _start(cfg, ckpt, rank, world, local_rank)
+    main = rank == 0
+    if ckpt is not None:
+        _restore(r, ckpt, saved)
+        if main:
+            _truncate_metrics(out / "metrics.jsonl", r.step)
+            print(f"resuming {out} from step {r.step} ({ckpt.name})")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        m = r.model.config
+        print(f"model: {r.model.num_params() / 1e6:.2f} M parameters, {m.n_layer} layers, d_model {m.d_model}; "
+              f"{world} process(es) x {r.accum} micro-batch(es) of {cfg.micro_batch_size} x {r.seq_len} tokens "
+              f"per step; device {r.device}")
+    last = _loop(r, out)
+    if main and (out / "metrics.jsonl").exists():
+        png = plot_metrics(out / "metrics.jsonl", out / "curves.png")
         if png:
             print(f"wrote {png}")
     return last
