@@ -1,8 +1,7 @@
-"""scaled_dot_product_attention and decode_attention on every backend, against a float64 reference."""
+"""scaled_dot_product_attention and decode_attention on every backend, against the float64 reference."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,52 +9,27 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from _env import INTERPRET, LOW
 
 from fastlm import ops
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOW = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]  # bf16 is broken in the interpreter
+from fastlm import reference as ref
 
 
-def reference(q, k, v, bias=None, is_causal=False, scale=None):
-    """Float64 attention; bias is additive (may hold -inf); fully masked rows give zeros."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    if is_causal:
-        tq, tk = s.shape[-2:]
-        keep = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
-    if bias is not None:
-        s = s + bias.double()
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.exp(s - m)
-    den = e.sum(-1, keepdim=True)
-    return (e / torch.where(den == 0, torch.ones_like(den), den)) @ v
-
-
-def as_bias(mask):
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill(~mask, float("-inf"))
-
-
-def rel_err(got, ref):
+def rel_err(got, want):
     # Inputs are of unit scale, so errors are measured against at least 1: an exactly-zero truth
     # (dq when each query sees a single key) would otherwise turn rounding noise into huge ratios.
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+    return ref.error(got, want, unit(want))
+
+
+def unit(want):
+    return want.abs().max().clamp_min(1.0)
 
 
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def check(got, ref, torch_got, dtype, what):
-    """The kernel's error may be at most about twice torch's own error in the same dtype."""
-    err, base = rel_err(got, ref), rel_err(torch_got, ref)
-    assert err <= max(2 * base, FLOOR[dtype]), f"{what}: error {err:.2e}, torch's {base:.2e}"
+def check(got, want, torch_got, dtype, what):
+    ref.assert_within_twice_torch(got, torch_got, want, floor=FLOOR[dtype], name=what, scale=unit(want))
 
 
 def make(b, hq, hk, tq, tk, d, dtype, device):
@@ -73,12 +47,12 @@ def run_and_compare(q, k, v, mask, is_causal, backend, dtype, scale=None):
     got = (out, *torch.autograd.grad(out, (q, k, v), dout))
 
     qc, kc, vc = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    ref_out = reference(qc, kc, vc, as_bias(None if mask is None else mask.cpu()), is_causal, scale)
-    ref = (ref_out, *torch.autograd.grad(ref_out, (qc, kc, vc), dout.cpu().double()))
+    ref_out = ref.attention(qc, kc, vc, None if mask is None else mask.cpu(), is_causal, scale)
+    want = (ref_out, *torch.autograd.grad(ref_out, (qc, kc, vc), dout.cpu().double()))
 
     tout = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     theirs = (tout, *torch.autograd.grad(tout, (q, k, v), dout))
-    for name, g, r, th in zip(("out", "dq", "dk", "dv"), got, ref, theirs):
+    for name, g, r, th in zip(("out", "dq", "dk", "dv"), got, want, theirs):
         assert g.shape == r.shape and g.dtype == q.dtype, name
         check(g.cpu(), r, th.cpu(), dtype, name)
 
@@ -205,8 +179,8 @@ def test_decode_matches_full_attention(backend, device, hq, hk, tn):
         # The Tn new tokens are the last Tn of a prefix of n: full causal attention over it,
         # expressed with keys 0..n-1 and queries at positions n-Tn..n-1.
         pos = torch.arange(n - tn, n).view(tn, 1)
-        bias = torch.where(torch.arange(n).view(1, n) <= pos, 0.0, float("-inf")).double()
-        want = reference(q[i:i + 1].cpu(), k_cache[i:i + 1, :, :n].cpu(), v_cache[i:i + 1, :, :n].cpu(), bias)
+        keep = torch.arange(n).view(1, n) <= pos
+        want = ref.attention(q[i:i + 1].cpu(), k_cache[i:i + 1, :, :n].cpu(), v_cache[i:i + 1, :, :n].cpu(), keep)
         assert rel_err(got[i:i + 1].cpu(), want) < 2e-5, f"sequence {i}"
 
 
@@ -224,10 +198,9 @@ def test_decode_lone_query_head_dims(backend, device, d):
             ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
         return
     got = ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
+    want = ref.decode_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens)
     for i in range(b):
-        n = int(seqlens[i])
-        want = reference(q[i:i + 1].cpu(), k_cache[i:i + 1, :, :n].cpu(), v_cache[i:i + 1, :, :n].cpu(), None)
-        assert rel_err(got[i:i + 1].cpu(), want) < 2e-5, f"sequence {i}"
+        assert rel_err(got[i:i + 1].cpu(), want[i:i + 1]) < 2e-5, f"sequence {i}"
 
 
 @pytest.mark.parametrize("hq,tn", [(1, 1), (2, 1), (2, 3)])
@@ -240,10 +213,7 @@ def test_decode_long_cache_few_heads(backend, device, hq, tn):
     v_cache = torch.randn(1, 1, tmax, d, device=device)
     q = torch.randn(1, hq, tn, d, device=device)
     got = ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
-    n = int(seqlens[0])
-    pos = torch.arange(n - tn, n).view(tn, 1)
-    bias = torch.where(torch.arange(n).view(1, n) <= pos, 0.0, float("-inf")).double()
-    want = reference(q.cpu(), k_cache[:, :, :n].cpu(), v_cache[:, :, :n].cpu(), bias)
+    want = ref.decode_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens)
     assert rel_err(got.cpu(), want) < 2e-5
 
 
@@ -257,8 +227,8 @@ def test_decode_low_precision(backend, device, dtype, hq):
     q = torch.randn(b, hq, 1, d, device=device).to(dtype)
     got = ops.decode_attention(q, k_cache, v_cache, seqlens, backend=backend)
     theirs = ops.decode_attention(q, k_cache, v_cache, seqlens, backend="torch")
-    exact = ops.decode_attention(q.double(), k_cache.double(), v_cache.double(), seqlens, backend="torch")
-    check(got.cpu(), exact.cpu(), theirs.cpu(), dtype, "decode")
+    want = ref.decode_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens.cpu())
+    check(got.cpu(), want, theirs.cpu(), dtype, "decode")
 
 
 def test_decode_bad_input(backend, device):
