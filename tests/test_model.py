@@ -8,6 +8,7 @@ import torch
 from fastlm.model import Transformer, TransformerConfig
 from fastlm.nn import CausalSelfAttention
 from fastlm.nn.self_attention import KVCache
+from fastlm.reference import assert_within_twice_torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,10 +54,7 @@ def test_backend_matches_torch_forward_and_gradients(backend, device, variant):
     torch32 = _run(model, ids, "torch")
     ref = _run(model.double(), ids, "torch")
     for name, r in ref.items():
-        scale = r.abs().max().item() + 1e-30
-        err = (ours[name].double() - r).abs().max().item() / scale
-        err_torch = (torch32[name].double() - r).abs().max().item() / scale
-        assert err <= 2 * err_torch + 1e-6, f"{name}: error {err:.2e} vs torch float32's {err_torch:.2e}"
+        assert_within_twice_torch(ours[name], torch32[name], r, floor=1e-6, name=name)
 
 
 def test_quantized_model_matches_torch_path(backend, device):

@@ -3,19 +3,17 @@ float64 matmul with the dequantized weight, QuantLinear, quantize_."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _env import INTERPRET
 
 import fastlm
 from fastlm import backends, ops, quant
+from fastlm import reference as ref
 from fastlm.nn import QuantLinear
 from fastlm.ops.quant_matmul import DTYPES as QM_DTYPES
 from fastlm.quant import QuantizedWeight
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 N = 67  # a multiple of no tile size
 # (bits, K, group_size, symmetric); group_size None for int8 (per output channel).
@@ -50,8 +48,8 @@ def bound(x, wd, b):
     return x.abs() @ wd.abs().T + (0 if b is None else b.abs())
 
 
-def rel_err(y, ref, scale):
-    return ((y.detach().cpu().double() - ref).abs() / scale.clamp_min(1e-30)).max().item()
+def rel_err(y, want, scale):
+    return ref.error(y.cpu(), want, scale)
 
 
 # --- forward and backward against float64 ---------------------------------------------------------
@@ -69,27 +67,27 @@ def test_forward_backward(backend, device, w, m, has_bias):
         b = torch.randn(N, dtype=torch.float64).to(dt).to(device).requires_grad_() if has_bias else None
         y = ops.quant_linear(x, qw, b, backend=backend)
         assert y.shape == (m, N) and y.dtype == dt and y.device == x.device
-        xd, bd = x.detach().cpu().double(), None if b is None else b.detach().cpu().double()
-        ref, scale = F.linear(xd, wd, bd), bound(xd, wd, bd)
-        err = rel_err(y, ref, scale)
+        xd = x.detach().cpu().double().requires_grad_()
+        bd = None if b is None else b.detach().cpu().double().requires_grad_()
+        want, scale = ref.quant_linear(xd, wd, bd), bound(xd.detach(), wd, None if bd is None else bd.detach())
         if dt == torch.float32:
+            err = rel_err(y, want, scale)
             assert err <= 2e-6, f"{dt}: error {err:.3g} of the sum of |terms|"
         else:
-            # At most about twice torch's own error in this dtype (weights rounded to it), plus the
+            # At most about twice torch's own error in this dtype (weights rounded to it), or the
             # rounding of the output.
             yt = F.linear(x.detach().cpu(), quant.dequantize(qw.to("cpu"), dt), None if b is None else b.detach().cpu())
-            tol = 2 * rel_err(yt, ref, scale) + 2.0 ** -8
-            assert err <= tol, f"{dt}: error {err:.3g} > {tol:.3g}"
+            ref.assert_within_twice_torch(y, yt, want, floor=2.0 ** -8, name=str(dt), scale=scale)
 
         dy = torch.randn(m, N, dtype=torch.float64)
         y.backward(dy.to(dt).to(device))
         dyd = dy.to(dt).double()
-        dx_ref = dyd @ wd
+        dx_ref, *db_ref = torch.autograd.grad(want, [xd] + ([] if bd is None else [bd]), dyd)
         tol = 2e-6 if dt == torch.float32 else 2.0 ** -6
         assert x.grad.dtype == dt
         assert rel_err(x.grad, dx_ref, dyd.abs() @ wd.abs()) <= tol, f"{dt}: dx"
         if b is not None:
-            assert rel_err(b.grad, dyd.sum(0), dyd.abs().sum(0)) <= tol, f"{dt}: dbias"
+            assert rel_err(b.grad, db_ref[0], dyd.abs().sum(0)) <= tol, f"{dt}: dbias"
 
 
 def test_leading_dims_and_no_grad_needed(backend, device):
@@ -97,8 +95,8 @@ def test_leading_dims_and_no_grad_needed(backend, device):
     x = torch.randn(2, 3, 64, device=device)
     y = ops.quant_linear(x, qw, backend=backend)
     assert y.shape == (2, 3, N)
-    ref = F.linear(x.cpu().double(), quant.dequantize(qw.to("cpu"), torch.float64))
-    assert rel_err(y, ref, bound(x.cpu().double(), quant.dequantize(qw.to("cpu"), torch.float64), None)) <= 2e-6
+    wd = quant.dequantize(qw.to("cpu"), torch.float64)
+    assert rel_err(y, ref.quant_linear(x.cpu(), wd), bound(x.cpu().double(), wd, None)) <= 2e-6
     # Rows of zero length give an empty result of the right shape.
     assert ops.quant_linear(x[:0], qw, backend=backend).shape == (0, 3, N)
 
@@ -132,8 +130,8 @@ def test_cpu_kernel_general_layouts():
             x = torch.randn(m, k)
             b = torch.randn(n)
             y = torch.ops.fastlm_C.quant_matmul(x, q, s, z, b, bits, g)
-            ref = F.linear(x.double(), wd, b.double())
-            assert rel_err(y, ref, bound(x.double(), wd, b.double())) <= 2e-6, (m, bits, k, g)
+            want = ref.quant_linear(x, wd, b)
+            assert rel_err(y, want, bound(x.double(), wd, b.double())) <= 2e-6, (m, bits, k, g)
 
 
 # --- the format -------------------------------------------------------------------------------
@@ -239,7 +237,7 @@ def test_quant_linear_module(backend, device):
         with fastlm.use_backend(backend):
             y = q(x)
         xd, wd, bd = x.cpu().double(), q.dequantize(torch.float64).cpu(), q.bias.detach().cpu().double()
-        assert rel_err(y, F.linear(xd, wd, bd), bound(xd, wd, bd)) <= 2e-6
+        assert rel_err(y, ref.quant_linear(xd, wd, bd), bound(xd, wd, bd)) <= 2e-6
         # Close to the float layer: the quantization error only.
         torch.testing.assert_close(y, lin(x), rtol=0.1, atol=0.1 if bits == 4 else 0.01)
 
