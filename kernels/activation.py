@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._spec import SPEC_DTYPES, Spec
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Constants a kernel reads must be constexpr globals.
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -179,3 +181,33 @@ def bias_gelu_bwd(
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return dx, (db_part.sum(0) if need_dbias else db_part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile specs: the variants tools/check_triton.py compiles for sm_90, restating the launchers' choices
+
+
+def compile_specs() -> list[Spec]:
+    specs = []
+    for dt in SPEC_DTYPES:
+        # A typical MLP width (full tiles, N divisible by 16) and a ragged one (masked columns).
+        for N, aligned in ((3072, True), (1000, False)):
+            block_m, block_n, warps = tile(8192, N, True)
+            div = ("N",) if aligned else ()
+            for tanh in (True, False):
+                for has_b in (True, False):
+                    tag = f"{'tanh' if tanh else 'erf'}{',b' if has_b else ''},N={N}"
+                    specs.append(Spec(
+                        f"bias_gelu_fwd[{tag}]", dt, _bias_gelu_fwd_kernel,
+                        {"X": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}", "M": "i32", "N": "i32"},
+                        {"HAS_B": has_b, "TANH": tanh, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, div,
+                    ))
+                    for need_db in ((True, False) if has_b else (False,)):
+                        specs.append(Spec(
+                            f"bias_gelu_bwd[{tag}{',db' if need_db else ''}]", dt, _bias_gelu_bwd_kernel,
+                            {"DY": f"*{dt}", "X": f"*{dt}", "B": f"*{dt}", "DX": f"*{dt}", "DB_part": "*fp32",
+                             "M": "i32", "N": "i32"},
+                            {"HAS_B": has_b, "NEED_DB": need_db, "TANH": tanh, "BLOCK_M": block_m,
+                             "BLOCK_N": block_n}, warps, div,
+                        ))
+    return specs

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._spec import SPEC_DTYPES, Spec
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 256
 DELTA_BLOCK_ROWS = 32  # rows of dout * out summed per program
@@ -839,3 +841,102 @@ def decode_attention(
             num_warps=combine_warps(block_s, block_d),
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile specs: the variants tools/check_triton.py compiles for sm_90, restating the launchers' choices
+
+
+def compile_specs() -> list[Spec]:
+    torch_dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    # (dtype, D, IS_CAUSAL, HAS_MASK, G, backward too). G = 1 is what an MHA launch specialises;
+    # None: GQA, G passed as an integer. Every dtype at the fast head dims, the mask and GQA paths,
+    # an odd head dim (padded BLOCK_D, masked columns) and the widest.
+    cases = [(dt, D, True, False, 1 if D == 64 else None, True) for dt in SPEC_DTYPES for D in (64, 128)]
+    cases += [("fp16", 128, False, True, 1, True), ("bf16", 128, False, True, 1, False),
+              ("bf16", 64, True, True, None, True), ("fp32", 64, False, True, 1, False),
+              ("fp16", 80, True, True, None, True), ("fp16", 256, True, False, 1, False),
+              ("bf16", 256, False, True, None, False), ("bf16", 256, True, False, 1, True)]
+    specs = []
+    for dt, D, causal, has_mask, G, with_bwd in cases:
+        tdt = torch_dt[dt]
+        block_d = _block_d(D)
+        pad = block_d != D
+        bm, bn, warps, st = fwd_config(block_d, tdt, True, has_mask)
+        (bm1, bn1, w1, st1), (bm2, bn2, w2, st2) = bwd_config(block_d, tdt, True, has_mask)
+        tag = f"{'causal' if causal else 'full'}{',mask' if has_mask else ''}{',gqa' if G is None else ''},D={D}"
+        flags = {"IS_CAUSAL": causal, "HAS_MASK": has_mask, "PAD_D": pad, "UPCAST": False,
+                 "PREC": "ieee" if dt == "fp32" else "tf32", "WHILE_LOOPS": False, "BLOCK_D": block_d}
+        ints = {"Hq": "i32", "Tq": "i32", "Tk": "i32", "D": "i32", "stride_mb": "i32", "stride_mh": "i32",
+                "stride_mm": "i32"}
+        if G is None:
+            ints["G"] = "i32"
+        else:
+            flags["G"] = G
+        if has_mask:
+            flags["stride_mn"] = 1  # a row-contiguous bias: a launch specialises the 1
+        else:
+            ints["stride_mn"] = "i32"
+        div = ("Tq", "Tk") if pad else ("Tq", "Tk", "D")  # T a multiple of 16, as training shapes are
+        specs.append(Spec(
+            f"attn_fwd[{tag}]", dt, _attn_fwd_kernel,
+            {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Mask": "*fp32", "Out": f"*{dt}", "Lse": "*fp32",
+             "num_m_blocks": "i32", "qk_scale": "fp32", **ints},
+            {**flags, "BLOCK_M": bm, "BLOCK_N": bn}, warps, div, num_stages=st,
+        ))
+        if with_bwd:
+            bwd_sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Mask": "*fp32", "DO": f"*{dt}",
+                       "Lse": "*fp32", "Delta": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", **ints}
+            specs.append(Spec(
+                f"attn_bwd_dkdv[{tag}]", dt, _attn_bwd_dkdv_kernel,
+                {**bwd_sig, "DK": f"*{dt}", "DV": f"*{dt}", "num_n_blocks": "i32"},
+                {**flags, "BLOCK_M": bm1, "BLOCK_N": bn1}, w1, div, num_stages=st1,
+            ))
+            specs.append(Spec(
+                f"attn_bwd_dq[{tag}]", dt, _attn_bwd_dq_kernel,
+                {**bwd_sig, "DQ": f"*{dt}", "num_m_blocks": "i32"},
+                {**flags, "BLOCK_M": bm2, "BLOCK_N": bn2}, w2, div, num_stages=st2,
+            ))
+
+    for dt, D in [(dt, 128) for dt in SPEC_DTYPES] + [("fp16", 80)]:
+        block_d = _block_d(D)
+        specs.append(Spec(
+            f"attn_bwd_delta[D={D}]", dt, _attn_bwd_delta_kernel,
+            {"Out": f"*{dt}", "DOut": f"*{dt}", "Delta": "*fp32", "n_rows": "i32", "D": "i32"},
+            {"PAD_D": block_d != D, "BLOCK_M": DELTA_BLOCK_ROWS, "BLOCK_D": block_d}, 4,
+            () if block_d != D else ("D",),
+        ))
+
+    # Decode: (dtype, D, G, Tn, one chunk). One new token of an 8-head GQA group, written as
+    # partials or (one chunk) as the output itself; 4 new tokens of an MHA head (speculative decoding).
+    decode_cases = [(dt, 128, None, 1, False) for dt in SPEC_DTYPES]
+    decode_cases += [("fp16", 128, None, 1, True), ("fp16", 64, 1, 4, False), ("bf16", 80, None, 1, False),
+                     ("bf16", 256, None, 1, False)]
+    for dt, D, G, Tn, final in decode_cases:
+        block_d = _block_d(D)
+        pad = block_d != D
+        bm, bn, warps, st = decode_tiles(block_d, torch_dt[dt], True, (G or 8) * Tn)
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Seqlens": "*i32",
+               "Out": f"*{dt}" if final else "*fp32", "Lse": "*fp32",
+               "Hq": "i32", "Tmax": "i32", "D": "i32", "chunk": "i32", "qk_scale": "fp32"}
+        consts = {"PAD_D": pad, "UPCAST": False, "PREC": "ieee" if dt == "fp32" else "tf32", "WHILE_LOOPS": False,
+                  "WRITE_FINAL": final, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "num_row_blocks": 1}
+        for name, val in (("G", G), ("Tn", Tn), ("num_splits", 1 if final else None)):
+            if val is None:
+                sig[name] = "i32"
+            else:
+                consts[name] = val
+        specs.append(Spec(
+            f"attn_decode[{'final' if final else 'split'},G={G or 'n'},Tn={Tn},D={D}]", dt,
+            _decode_split_kernel, sig, consts, warps,
+            ("Tmax", "chunk") if pad else ("Tmax", "chunk", "D"), num_stages=st,
+        ))
+    for dt, D, block_s in [(dt, 128, MAX_SPLITS) for dt in SPEC_DTYPES] + [("fp16", 80, 4)]:
+        block_d = _block_d(D)
+        specs.append(Spec(
+            f"attn_decode_combine[S={block_s},D={D}]", dt, _decode_combine_kernel,
+            {"Part": "*fp32", "Lse": "*fp32", "Out": f"*{dt}", "num_splits": "i32", "D": "i32"},
+            {"PAD_D": block_d != D, "BLOCK_S": block_s, "BLOCK_D": block_d},
+            combine_warps(block_s, block_d), () if block_d != D else ("D",),
+        ))
+    return specs

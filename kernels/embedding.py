@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._spec import SPEC_DTYPES, Spec
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
 TILE_BYTES = 16384  # one program's tile of table rows, forward and atomic backward
@@ -262,3 +264,56 @@ def embedding_bwd(
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
     return dw32 if dout.dtype == torch.float32 else dw32.to(dout.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile specs: the variants tools/check_triton.py compiles for sm_90, restating the launchers' choices
+
+
+def compile_specs() -> list[Spec]:
+    specs = []
+    size = {"fp16": 2, "bf16": 2, "fp32": 4}
+    for dt in SPEC_DTYPES:
+        # (D, ids types, HAS_POS values, D divisible by 16): a narrow table, the typical width in
+        # every flag combination, the widest column block, and an unaligned width (no vector loads).
+        fwd_cases = [(64, ("i64",), (False, True), True), (768, ("i32", "i64"), (False, True), True),
+                     (8192, ("i64",), (False, True), True), (7, ("i64",), (False,), False)]
+        for D, id_types, pos_flags, aligned in fwd_cases:
+            block_r, block_d, warps = _tile(D, size[dt], 1 << 20, True)
+            for it in id_types:
+                for has_pos in pos_flags:
+                    sig = {"Ids": f"*{it}", "W": f"*{dt}", "Pos": f"*{dt}", "Out": f"*{dt}", "Bad": "*i64",
+                           "n": "i32", "V": "i32", "D": "i32", "start_pos": "i32"}
+                    consts = {"HAS_POS": has_pos, "BLOCK_R": block_r, "BLOCK_D": block_d}
+                    if has_pos:
+                        sig["T"] = "i32"
+                    else:
+                        consts["T"] = 1  # the launcher passes T = 1, which a launch specialises
+                    specs.append(Spec(
+                        f"embedding_fwd[{'tok+pos' if has_pos else 'tok'},{it},D={D}]", dt,
+                        _embedding_fwd_kernel, sig, consts, warps,
+                        ("D", "start_pos") if aligned else ("start_pos",),
+                    ))
+        for D, id_types, aligned in ((64, ("i64",), True), (768, ("i32", "i64"), True), (8192, ("i64",), True),
+                                     (7, ("i64",), False)):
+            block_r, block_d, warps = _tile(D, size[dt], 1 << 20, True)
+            for it in id_types:
+                specs.append(Spec(
+                    f"embedding_bwd_atomic[{it},D={D}]", dt,
+                    _embedding_bwd_atomic_kernel,
+                    {"DOut": f"*{dt}", "Ids": f"*{it}", "DW": "*fp32",
+                     "n": "i32", "V": "i32", "D": "i32", "padding_idx": "i32"},
+                    {"BLOCK_R": block_r, "BLOCK_D": block_d}, warps, ("D",) if aligned else (),
+                ))
+        for D, id_types, aligned in ((64, ("i64",), True), (768, ("i32", "i64"), True), (7, ("i64",), False)):
+            block_r, block_d, warps = _tile(
+                D, 4, 1 << 20, True, SORTED_MAX_BLOCK_D, SORTED_BLOCK_R)
+            for it in id_types:
+                specs.append(Spec(
+                    f"embedding_bwd_sorted[{it},D={D}]", dt,
+                    _embedding_bwd_sorted_kernel,
+                    {"DOut": f"*{dt}", "SortedIds": f"*{it}", "Perm": "*i64", "RunEnd": "*i64", "DW": f"*{dt}",
+                     "V": "i32", "D": "i32", "padding_idx": "i32"},
+                    {"BLOCK_R": block_r, "BLOCK_D": block_d}, warps, ("D",) if aligned else (),
+                ))
+    return specs

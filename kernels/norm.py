@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._spec import SPEC_DTYPES, Spec
+
 MAX_N = 65536
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 COL_SUM_BLOCK_ROWS, COL_SUM_BLOCK_COLS = 32, 64  # the column-sum tile on a GPU
@@ -297,3 +299,48 @@ def norm_bwd(
     dw = _col_sum(dw_part, weight.dtype) if has_w else x.new_empty(0)
     db = _col_sum(db_part, x.dtype) if has_bias else x.new_empty(0)
     return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile specs: the variants tools/check_triton.py compiles for sm_90, restating the launchers' choices
+
+
+def compile_specs() -> list[Spec]:
+    specs = []
+    # (HAS_W, HAS_B, RMS): every affine combination the ops layer can ask for.
+    flag_sets = [(w, b, False) for w, b in ((0, 0), (1, 0), (1, 1))] + [(w, 0, True) for w in (0, 1)]
+    block_ns = (1024, 8192, MAX_N)
+    for dt in SPEC_DTYPES:
+        for block_n in block_ns:
+            warps = _num_warps(block_n)
+            # The full flag matrix at a typical width; the wide rows (register pressure) with all flags.
+            flags = flag_sets if block_n == 1024 else [(1, 1, False), (1, 0, True)]
+            for has_w, has_b, rms in flags:
+                for extra in (False, True):  # residual in the forward, dh in the backward
+                    tag = f"{'rms' if rms else 'ln'}{',w' if has_w else ''}{',b' if has_b else ''}"
+                    specs.append(Spec(
+                        f"norm_fwd[{tag}{',res' if extra else ''},N={block_n}]", dt,
+                        _norm_fwd_kernel,
+                        {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "R": f"*{dt}", "Y": f"*{dt}",
+                         "H": f"*{dt}", "Mean": "*fp32", "Rstd": "*fp32", "N": "i32", "eps": "fp32"},
+                        {"HAS_W": bool(has_w), "HAS_B": bool(has_b), "HAS_RES": extra, "RMS": rms,
+                         "BLOCK_N": block_n},
+                        warps,
+                    ))
+                    specs.append(Spec(
+                        f"norm_bwd[{tag}{',dh' if extra else ''},N={block_n}]", dt,
+                        _norm_bwd_kernel,
+                        {"DY": f"*{dt}", "X": f"*{dt}", "W": f"*{dt}", "Mean": "*fp32", "Rstd": "*fp32",
+                         "DH": f"*{dt}", "DX": f"*{dt}", "DW_part": "*fp32", "DB_part": "*fp32",
+                         "M": "i32", "N": "i32", "rows_per_program": "i32"},
+                        {"HAS_W": bool(has_w), "HAS_B": bool(has_b), "HAS_DH": extra, "RMS": rms,
+                         "BLOCK_N": block_n},
+                        warps,
+                    ))
+        specs.append(Spec(
+            "norm_col_sum", dt,
+            _col_sum_kernel,
+            {"P": "*fp32", "Out": f"*{dt}", "num_rows": "i32", "N": "i32"},
+            {"BLOCK_ROWS": COL_SUM_BLOCK_ROWS, "BLOCK_COLS": COL_SUM_BLOCK_COLS},
+        ))
+    return specs

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._spec import SPEC_DTYPES, Spec
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZES = (32, 64, 128)
 GEMV_MAX_M = 8
@@ -320,3 +322,47 @@ def _launch(x, qweight, scales, zeros, bias, bits, group_size, split_k, y) -> No
             part, bias if bias is not None else y, y, M * N, N, splits,
             HAS_B=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile specs: the variants tools/check_triton.py compiles for sm_90, restating the launchers' choices
+
+
+def compile_specs() -> list[Spec]:
+    specs = []
+    # (bits, group size, zeros): int8 per channel, int4 symmetric at the smallest group, int4
+    # asymmetric at the largest.
+    formats = ((8, 0, False), (4, 32, False), (4, 128, True))
+    for dt in SPEC_DTYPES:
+        for bits, group, has_z in formats:
+            qtype = "*i8" if bits == 8 else "*u8"
+            sig = {"X": f"*{dt}", "Qw": qtype, "S": "*fp32", "Z": "*fp32", "B": f"*{dt}", "Y": f"*{dt}",
+                   "P": "*fp32", "M": "i32", "N": "i32", "K": "i32", "q_stride": "i32", "k_split": "i32",
+                   "steps": "i32"}
+            fmt = f"int{bits}" + (f",g{group}" if bits == 4 else "") + (",zeros" if has_z else "")
+            flags = {"BITS": bits, "GROUP": group if bits == 4 else 1, "HAS_Z": has_z}
+            # Decode (GEMV) at both ends of its M range, split and not; the GEMM with small and
+            # large M tiles. Bias on in one of each pair, so both epilogues compile.
+            for M, split in ((1, True), (8, False)):
+                block_m, block_n, block_k = gemv_config(M, bits, group)
+                specs.append(Spec(
+                    f"qmm_gemv[{fmt},M={M}{',split' if split else ',bias'}]", dt, _qmm_gemv_kernel, sig,
+                    {**flags, "HAS_B": not split, "SPLIT": split,
+                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                    GEMV_WARPS, ("N", "K", "q_stride", "k_split"),
+                ))
+            for M, split in ((16, True), (512, False)):
+                block_m, block_n, block_k, warps, _ = gemm_config(M, 4096, bits, group, dt == "fp32")
+                specs.append(Spec(
+                    f"qmm_gemm[{fmt},M={M}{',split' if split else ',bias'}]", dt, _qmm_gemm_kernel, sig,
+                    {**flags, "HAS_B": not split, "SPLIT": split, "F32_DOT": dt == "fp32",
+                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                    warps, ("N", "K", "q_stride", "k_split"),
+                ))
+        for has_b in (False, True):
+            specs.append(Spec(
+                f"qmm_reduce[{'bias' if has_b else 'no bias'}]", dt, _qmm_reduce_kernel,
+                {"P": "*fp32", "B": f"*{dt}", "Y": f"*{dt}", "MN": "i32", "N": "i32", "splits": "i32"},
+                {"HAS_B": has_b, "BLOCK": REDUCE_BLOCK}, 4, ("MN", "N"),
+            ))
+    return specs
