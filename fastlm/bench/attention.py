@@ -10,7 +10,8 @@ Decoding reads the valid part of the cache once per token, so it is measured in 
 Competitors: each fastlm backend; "torch" = F.scaled_dot_product_attention with torch's own
 choice of kernel; each of its kernels forced in turn ("torch-math", and on a GPU "torch-flash",
 "torch-efficient", "torch-cudnn"); "naive" = softmax(q k^T) v written out, holding the T x T
-scores; "torch.compile" of F.scaled_dot_product_attention.
+scores (fastlm.reference.attention, the tests' reference, run in the benchmark's dtype);
+"torch.compile" of F.scaled_dot_product_attention.
 
 `extra` measures the peak memory a forward+backward adds against T, in a fresh process per
 point on the CPU (peak resident set growth) and with torch.cuda.max_memory_allocated on a GPU.
@@ -27,16 +28,12 @@ import textwrap
 import torch
 import torch.nn.functional as F
 
-from fastlm import backends, ops
+from fastlm import backends, ops, reference
 from fastlm.bench.harness import Case
 
 
 def naive(q, k, v, is_causal):
-    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if is_causal:
-        t = s.shape[-1]
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+    return reference.attention(q, k, v, is_causal=is_causal, dtype=q.dtype)
 
 
 def _forced(kernel):
