@@ -229,7 +229,7 @@ def _lm_parsers(sub) -> None:
 
     s = sub.add_parser("train-lm", help="train (or resume) a Transformer language model",
                        description="Train a Transformer on a directory written by `fastlm data`. Under "
-                                   "torchrun it runs DDP with the same global batch.")
+                                   "torchrun it runs DDP (or FSDP2 with --fsdp) with the same global batch.")
     _train_options(s)
     s.add_argument("--resume", action="store_true", help="continue from <out>/latest if it exists")
     s.set_defaults(func=_train)

@@ -8,10 +8,13 @@ clipping, linear warm-up then cosine decay, gradient accumulation, bf16 autocast
 evaluation (loss, perplexity), a JSONL metrics log, a PNG of the curves, and checkpoints from
 which a run resumes exactly. Under torchrun it trains with DDP (gloo on the CPU, nccl on GPUs) on
 the same global batch: each process takes its share of every global batch and accumulates less.
+With fsdp=True it uses FSDP2 instead (fully_shard on each block, then on the whole model): each
+process keeps only its shard of the parameters, gradients and AdamW state.
 
 A checkpoint is a directory written whole under a temporary name and renamed into place, after
 which the `latest` file is replaced to point at it, so a crash at any moment leaves the previous
-checkpoint intact:
+checkpoint intact. It holds the full (unsharded) state whether the run used one process, DDP or
+FSDP, so any of them resumes from it:
 
     <out>/latest                    name of the newest complete checkpoint
     <out>/step_000200/model.safetensors, config.json          the model
@@ -94,6 +97,8 @@ class TrainConfig:
     backend: str | None = _field(None, "fastlm backend for the model's ops (default: best available)",
                                  choices=BACKENDS)
     compile: bool = _field(False, "torch.compile the model")
+    fsdp: bool = _field(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) "
+                               "instead of replicating them (DDP)")
     progress: bool = _field(True, "show a progress bar")
 
     def resolved(self) -> TrainConfig:
@@ -242,10 +247,32 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p}: no checkpoint here (neither a `latest` file nor model.safetensors)")
 
 
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _param_names(model: Transformer, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter in torch.optim's numbering (group after group), which the
+    checkpoint's optimizer files use; torch.distributed.checkpoint names them instead."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
 def _full_state(model: Transformer, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The model's and the optimizer's state_dict, on the CPU."""
-    model_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return model_state, opt.state_dict()
+    """The whole model's and optimizer's state on the CPU, the optimizer's numbered as torch.optim
+    numbers it. A collective under FSDP, which gathers the shards; only rank 0 receives them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = get_model_state_dict(model, options=_state_options())
+    opt_state = get_optimizer_state_dict(model, opt, options=_state_options())
+    if not opt_state:
+        return model_state, opt_state
+    index = {n: i for i, n in enumerate(_param_names(model, opt))}
+    return model_state, {"state": {index[n]: st for n, st in opt_state["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                          for g in opt_state["param_groups"]]}
 
 
 def save_checkpoint(out: Path, step: int, model_state: dict, model_config: TransformerConfig, opt_state: dict,
@@ -292,20 +319,28 @@ def _load_config(ckpt: Path, backend: str | None) -> TransformerConfig:
 
 
 def _load_weights(model: Transformer, ckpt: Path) -> None:
+    """The checkpoint's full weights into the model, each process keeping its shard under FSDP."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
     state = _read_tensors(ckpt / "model.safetensors")
-    with _reading(ckpt / "model.safetensors", "does not match config.json", RuntimeError):
-        model.load_state_dict(state)
+    with _reading(ckpt / "model.safetensors", "does not match config.json", RuntimeError, KeyError, ValueError):
+        set_model_state_dict(model, state, options=_state_options())
 
 
 def _load_optimizer(model: Transformer, opt: torch.optim.Optimizer, ckpt: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     tensors = _read_tensors(ckpt / "optimizer.safetensors")
     meta = _read_json(ckpt / "optimizer.json")
-    with _reading(ckpt / "optimizer.json", "does not match the model", ValueError, KeyError):
-        state: dict[int, dict] = {}
+    with _reading(ckpt / "optimizer.json", "does not match the model", ValueError, KeyError, IndexError,
+                  RuntimeError):
+        names = _param_names(model, opt)
+        state: dict[str, dict] = {}
         for key, v in [*tensors.items(), *meta["scalars"].items()]:
             idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            state.setdefault(names[int(idx)], {})[name] = v
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]]
+        set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups}, options=_state_options())
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", backend: str | None = None
@@ -352,7 +387,7 @@ class _Run:
     rank: int
     world: int
     device: torch.device
-    model: Transformer
+    model: Transformer              # sharded in place under FSDP
     run: torch.nn.Module            # what is called: the model, or DDP around it; compiled if cfg.compile
     opt: torch.optim.AdamW
     batches: fdata.TokenBatches
@@ -363,9 +398,11 @@ class _Run:
 
 
 def _resumed_config(cfg: TrainConfig, saved: dict, ckpt: Path) -> TrainConfig:
-    """The stored run defines everything but the length of training and the progress bar."""
+    """The stored run defines everything but the length of training, the progress bar and
+    whether the model is sharded (a checkpoint holds the full state either way)."""
     with _reading(ckpt / "trainer.json", "not a trainer state of this fastlm", KeyError, TypeError):
-        return TrainConfig(**{**saved["train_config"], "steps": cfg.steps, "progress": cfg.progress})
+        return TrainConfig(**{**saved["train_config"], "steps": cfg.steps, "progress": cfg.progress,
+                              "fsdp": cfg.fsdp})
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
@@ -405,15 +442,12 @@ def _start(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int, local_ran
         raise ValueError(f"train: batch_size {cfg.batch_size} must split into {world} process(es) x whole "
                          f"micro-batches of {cfg.micro_batch_size}")
     model_cfg, seq_len = _model_config(cfg, ckpt)
-    # Every process builds the same initial model; DDP would broadcast rank 0's anyway.
+    # Every process builds the same initial model; DDP would broadcast rank 0's anyway, and under
+    # FSDP each keeps its shard of it.
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(device)
-    run = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        run = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = make_optimizer(model, cfg, device)
+    run = _distribute(model, cfg, device, world)
+    opt = make_optimizer(model, cfg, device)  # after fully_shard, which replaces the parameters
     if cfg.compile:
         run = torch.compile(run)
     # Dropout masks should differ between processes.
@@ -424,6 +458,23 @@ def _start(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int, local_ran
                                  rank=rank, world=world)
     return _Run(cfg, rank, world, device, model, run, opt, batches, fdata.load_tokens(cfg.data, "val"), seq_len,
                 per_rank // cfg.micro_batch_size)
+
+
+def _distribute(model: Transformer, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
+    """What the loop calls: the model itself, sharded in place by FSDP2, or wrapped by DDP."""
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # One all-gather per block in the forward and backward (each block touches only its own
+        # parameters), then the root for the embeddings and the final norm.
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _restore(r: _Run, ckpt: Path, saved: dict) -> None:
@@ -439,7 +490,11 @@ def _restore(r: _Run, ckpt: Path, saved: dict) -> None:
 
 def _grad_sync(r: _Run, last: bool):
     """Gradients are averaged across processes only on a step's last micro-batch."""
-    return nullcontext() if r.world == 1 or last else r.run.no_sync()
+    if r.world > 1 and r.cfg.fsdp:
+        r.model.set_requires_gradient_sync(last)
+    elif r.world > 1 and not last:
+        return r.run.no_sync()
+    return nullcontext()
 
 
 def _optimizer_step(r: _Run, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -535,8 +590,8 @@ def _loop(r: _Run, out: Path) -> dict:
         if r.step % cfg.log_every == 0 or final:
             row = {"step": r.step, "loss": _mean_over_ranks(float(loss_sum) / r.accum, r.world), "lr": lr,
                    "tokens_per_s": tokens_since / (time.perf_counter() - t0)}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
+            if grad_norm is not None:  # a DTensor under FSDP
+                row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             t0, tokens_since = time.perf_counter(), 0
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if r.step % cfg.eval_every == 0 or final:
@@ -577,7 +632,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         m = r.model.config
         print(f"model: {r.model.num_params() / 1e6:.2f} M parameters, {m.n_layer} layers, d_model {m.d_model}; "
               f"{world} process(es) x {r.accum} micro-batch(es) of {cfg.micro_batch_size} x {r.seq_len} tokens "
-              f"per step; device {r.device}")
+              f"per step; device {r.device}" + (", FSDP" if world > 1 and cfg.fsdp else ""))
     last = _loop(r, out)
     if main and (out / "metrics.jsonl").exists():
         png = plot_metrics(out / "metrics.jsonl", out / "curves.png")

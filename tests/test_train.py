@@ -1,5 +1,5 @@
 """The trainer: schedule, optimizer groups, checkpoints (exact resume after SIGKILL, corrupt files
-caught), DDP equals one process, and the CLI end to end."""
+caught), DDP and FSDP equal one process, and the CLI end to end."""
 
 import json
 import math
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_data import synthetic_docs
 
 from fastlm import cli, data
@@ -43,10 +44,10 @@ def _cli_args(corpus, out, *extra) -> list[str]:
             "--log-every", "1", "--eval-every", "1000", "--eval-batches", "1", "--no-progress", *extra]
 
 
-def _run_cli(args, **kw) -> subprocess.Popen:
+def _run_cli(args, launcher=(), **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fastlm.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen([sys.executable, *launcher, "-m", "fastlm.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -143,13 +144,13 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     assert len(a) == 60 and a == b  # exactly, step by step
 
 
+def _torchrun(args) -> subprocess.Popen:
+    return _run_cli(args, launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(corpus, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = _cli_args(corpus, tmp_path / "ddp", "--steps", "4", "--backend", "torch")
-    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "fastlm.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    ddp = _torchrun(_cli_args(corpus, tmp_path / "ddp", "--steps", "4", "--backend", "torch"))
     assert cli.main(_cli_args(corpus, tmp_path / "one", "--steps", "4", "--backend", "torch")) == 0
     out, _ = ddp.communicate(timeout=300)
     assert ddp.returncode == 0, out
@@ -158,6 +159,50 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+# Two runs in one launch of two processes (a second launch would double the test's time): steps
+# 0-1, then a resume from that checkpoint to step 4.
+_STOP_AND_RESUME = """
+import sys
+import torch.distributed as dist
+from fastlm import cli, train
+args = cli.parser().parse_args(sys.argv[1:])
+train.train(cli.train_config(args), resume=args.resume)
+args.steps, args.resume = 4, True
+train.train(cli.train_config(args), resume=args.resume)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_matches_one_process(corpus, tmp_path):
+    """FSDP2 on two processes (gloo) ends where one process does, through a checkpoint halfway:
+    the shards gathered into the usual full files, then loaded back into shards. The first four
+    steps are all warm-up, so stopping at step 2 leaves the learning rates as they were."""
+    opts = ["--backend", "torch", "--ckpt-every", "2"]
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    script = tmp_path / "stop_and_resume.py"
+    script.write_text(_STOP_AND_RESUME)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(script), *_cli_args(corpus, fsdp, "--steps", "2", "--fsdp", *opts)],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert cli.main(_cli_args(corpus, one, "--steps", "4", *opts)) == 0
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert "2 process(es) x 2 micro-batch(es)" in out and "FSDP" in out
+    assert f"resuming {fsdp} from step 2" in out
+    a, b = _losses(one), _losses(fsdp)
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ref, got = (load_file(d / "step_000004" / name) for d in (one, fsdp))
+        assert ref.keys() == got.keys(), name
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+    assert (fsdp / "step_000004" / "optimizer.json").read_text() == (one / "step_000004" / "optimizer.json").read_text()
 
 
 def test_cli_train_generate_eval(corpus, tmp_path, capsys):
