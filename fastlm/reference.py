@@ -155,7 +155,7 @@ def error(got: Tensor, ref: Tensor, scale: Tensor | float | None = None) -> floa
     if scale is None:
         scale = ref.detach().abs().max() if ref.numel() else 1.0
     if isinstance(scale, Tensor):
-        scale = scale.detach().to(F64).clamp_min(1e-30)  # an all-zero reference: any error is infinite
+        scale = scale.detach().to(F64).clamp_min(1e-30)  # an all-zero reference: any error is huge, not NaN
     return (diff / scale).max().item() if diff.numel() else 0.0
 
 
@@ -164,8 +164,11 @@ def assert_within_twice_torch(got: Tensor, torch_got: Tensor, ref: Tensor, *, fl
     """The backend's error against the float64 reference is at most twice torch's own in the same
     dtype, or `floor` (a few roundings of the result, where torch's error is near zero).
 
-    The strictest of the forms fastlm's tests used: max(2 t, floor) rather than 2 t + floor, and
-    the reference's own size as the scale (a floor of 1 only where the inputs' unit scale makes
-    an exactly-zero truth possible, as attention's dq with one key per query)."""
+    Of the forms the tests once wrote separately, the strictest that they all pass: max(2 t, floor)
+    rather than 2 t + floor (norm, activation, quantized linear, the model) or 4 t + floor
+    (cross-entropy), and the reference's own size as the scale. Attention alone passes a scale of
+    at least 1: with inputs of unit scale its truth can be exactly zero (dq when each query sees
+    one key), where any rounding noise would be an infinite ratio. On the CPU backends and under
+    the Triton interpreter every case stays within 0.62 of its bound."""
     err, base = error(got, ref, scale), error(torch_got, ref, scale)
     assert err <= max(2 * base, floor), f"{name}: error {err:.3g} vs torch's {base:.3g} (floor {floor:.3g})"
