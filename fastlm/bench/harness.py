@@ -19,6 +19,12 @@ import torch
 PASSES = ("fwd", "bwd", "fwdbwd")
 
 
+def case_group(name: str) -> str:
+    """A case's family by default: its name's first word ("layer_norm 8192x768" -> "layer_norm",
+    "int4/128 asym M=1 (7.1x)" -> "int4/128", "decode 4x8/8x256x64" -> "decode")."""
+    return name.split(maxsplit=1)[0] if name.strip() else name
+
+
 @dataclasses.dataclass
 class Case:
     op: str                     # "norm", "attention", ...
@@ -36,6 +42,11 @@ class Case:
     # Calls per competitor per turn (see interleaved_ms); above 1 for ops whose competitors leave
     # very different cache states behind them.
     burst: int = 1
+    # The family of shapes this case belongs to, one panel of the plot; default: case_group(name).
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        self.group = self.group or case_group(self.name)
 
     def work_of(self, impl: str, pass_: str) -> float:
         return (self.impl_work or {}).get(impl, self.work)[pass_]
@@ -55,6 +66,7 @@ class Row:
     pct_ceiling: float          # rate over the machine's measured ceiling, in percent
     vs_eager: float | None = None
     vs_compile: float | None = None
+    group: str = ""             # Case.group
 
 
 def sync(device: torch.device) -> None:
@@ -208,7 +220,8 @@ def run_case(case: Case, device: torch.device, ceiling: float, *, reps: int = 15
             rows.append(Row(case.op, case.name, case.shape, str(case.dtype).removeprefix("torch."), p, impl,
                             t, rate, case.metric, 100 * rate / ceiling,
                             vs_eager=ms["torch"] / t if "torch" in ms else None,
-                            vs_compile=ms["torch.compile"] / t if "torch.compile" in ms else None))
+                            vs_compile=ms["torch.compile"] / t if "torch.compile" in ms else None,
+                            group=case.group))
     del fns
     gc.collect()
     rows.sort(key=lambda r: (list(case.impls).index(r.impl), case.passes.index(r.pass_)))
