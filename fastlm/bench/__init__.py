@@ -1,7 +1,7 @@
 """`fastlm bench`: every op's cases on one device, one process; a table, a JSON file, a plot.
 
 Results go to <out>/<machine>.json (one file per machine, one section per op, merged across
-runs) and <out>/<machine>-<op>.png.
+runs) and <out>/<machine>-<op>.png; `redraw(json_path)` draws the PNGs again from a results file.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -89,32 +90,167 @@ def save(results: dict, dev: torch.device, quick: bool, out: str, name: str) -> 
     return path
 
 
-def draw(op: str, rows: list[dict], path: Path) -> Path | None:
-    """One panel per pass: share of copy bandwidth (or matmul rate) for each case and impl."""
-    try:
-        import matplotlib
+# Plot geometry, in inches and points: a bar and the gap between cases tall enough for 8 pt labels.
+_BAR_IN, _CASE_GAP_IN, _TITLE_IN, _XAXIS_IN, _PLOT_W_IN = 0.15, 0.12, 0.32, 0.34, 3.4
+_FONT_PT, _CHAR_IN = 8, 0.07  # a character of an 8 pt label is at most about 0.07 in wide
+_PASS_TITLE = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward"}
 
-        matplotlib.use("Agg")
+
+def _speedup_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks inside [lo, hi]; only powers of ten when those would be more than seven."""
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    ticks = [m * 10.0**e for e in range(e0, e1 + 1) for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+    return ticks if len(ticks) <= 7 else [t for t in ticks if math.log10(t).is_integer()]
+
+
+def _columns(heights: list[float], passes: list[str]) -> list[list[int]]:
+    """Groups (by index) per column of panels: one column per pass, or, for one pass and a tall
+    stack, the groups in order over two columns split where the taller one is least tall."""
+    n = len(heights)
+    if len(passes) > 1 or sum(heights) <= 12 or n < 2:
+        return [list(range(n))]
+    cut = min(range(1, n), key=lambda k: max(sum(heights[:k]), sum(heights[k:])))
+    return [list(range(cut)), list(range(cut, n))]
+
+
+def figure(op: str, rows: list[dict]):
+    """The figure `draw` saves, or None when no row has a speedup over torch.
+
+    One panel per group of cases (Case.group, e.g. "layer_norm" or "int8") and pass: a horizontal
+    bar per competitor, its speedup over torch eager (the competitor named "torch"; for
+    quant_matmul the dense matmul), drawn from the dashed line at 1x on a log axis so that 2x
+    faster and 2x slower are bars of one length either side of it, with the value at the bar's end.
+    Groups are rows of panels and passes columns; the legend is above the panels, never over a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    speedup = {(r["case"], r["impl"], r["pass_"]): r["vs_eager"] for r in rows if r.get("vs_eager")}
+    if not speedup:
+        return None
+    present = {r["pass_"] for r in rows}
+    passes = [p for p in harness.PASSES if p in present] + sorted(present - set(harness.PASSES))
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        cases = groups.setdefault(r.get("group") or harness.case_group(r["case"]), [])
+        if r["case"] not in cases:
+            cases.append(r["case"])
+    competitors = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "torch"))
+    colour = {impl: plt.get_cmap("tab10")(k % 10) for k, impl in enumerate(competitors)}
+
+    def label(case: str, group: str) -> str:
+        rest = case[len(group):].strip() if case.startswith(group + " ") else ""
+        return rest or case
+
+    # (group, pass) -> (cases with a value in this pass, competitors with a value in this panel)
+    panels = {}
+    for g, cases in groups.items():
+        for p in passes:
+            shown = [c for c in cases if any((c, i, p) in speedup for i in competitors)]
+            impls = [i for i in competitors if any((c, i, p) in speedup for c in shown)]
+            if shown:
+                panels[g, p] = (shown, impls)
+
+    def panel_height(g: str, p: str) -> float:
+        if (g, p) not in panels:
+            return 0.0
+        shown, impls = panels[g, p]
+        return _TITLE_IN + len(shown) * (len(impls) * _BAR_IN + _CASE_GAP_IN) + _XAXIS_IN
+
+    names = list(groups)
+    row_h = [max(panel_height(g, p) for p in passes) for g in names]
+    cols = [[(names[k], p) for k in ks] for ks in _columns(row_h, passes)] if len(passes) == 1 else \
+        [[(g, p) for g in names] for p in passes]
+    rh = dict(zip(names, row_h))
+
+    def label_width(col) -> float:
+        chars = max((len(label(c, g)) for g, p in col if (g, p) in panels for c in panels[g, p][0]), default=1)
+        return chars * _CHAR_IN + 0.15
+
+    widths = [label_width(col) + _PLOT_W_IN + 0.3 for col in cols]
+    legend_rows = math.ceil((len(competitors) + 1) / 5)
+    top = 0.4 + 0.25 * legend_rows  # the figure's title and the legend
+    height = top + max(sum(rh[g] for g, _ in col) for col in cols) + 0.1
+    width = sum(widths) + 0.1
+    fig = plt.figure(figsize=(width, height))
+    fig.suptitle(f"{op}: speedup over torch (time of torch / time of each; right of 1x is faster)",
+                 x=0.5, y=1 - 0.12 / height, va="top", fontsize=10)
+    x0 = 0.05
+    for col, w in zip(cols, widths):
+        lw = label_width(col)
+        y = height - top
+        for g, p in col:
+            y -= rh[g]
+            if (g, p) not in panels:
+                continue
+            shown, impls = panels[g, p]
+            h = panel_height(g, p) - _TITLE_IN - _XAXIS_IN
+            ax = fig.add_axes([(x0 + lw) / width, (y + rh[g] - _TITLE_IN - h) / height, _PLOT_W_IN / width, h / height])
+            vals = [speedup[c, i, p] for c in shown for i in impls if (c, i, p) in speedup]
+            lo, hi = min(min(vals) / 2.2, 1 / 1.5), max(max(vals) * 2.2, 1.5)  # room for the values' text
+            bar = 1.0 / (len(impls) + _CASE_GAP_IN / _BAR_IN)
+            for k, impl in enumerate(impls):
+                ys = [n + (k - (len(impls) - 1) / 2) * bar for n in range(len(shown))]
+                for yy, c in zip(ys, shown):
+                    v = speedup.get((c, impl, p))
+                    if v is None:
+                        continue
+                    ax.barh(yy, v - 1.0, bar * 0.9, left=1.0, color=colour[impl])  # from 1x, either way
+                    ax.text(v * 1.05 if v >= 1 else v / 1.05, yy, f"{v:.2f}x" if v < 10 else f"{v:.1f}x",
+                            va="center", ha="left" if v >= 1 else "right", fontsize=6.5)
+            ax.axvline(1.0, color="0.25", linestyle="--", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(len(shown) - 0.5, -0.5)  # first case at the top
+            ax.xaxis.set_major_locator(FixedLocator(_speedup_ticks(lo, hi)))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([f"{t:g}x" for t in _speedup_ticks(lo, hi)], fontsize=_FONT_PT)
+            ax.set_yticks(range(len(shown)))
+            ax.set_yticklabels([label(c, g) for c in shown], fontsize=_FONT_PT)
+            ax.set_title(f"{g}: {_PASS_TITLE.get(p, p)}", loc="left", fontsize=9)
+            ax.grid(axis="x", color="0.9", linewidth=0.6)
+            ax.set_axisbelow(True)
+        x0 += w
+    handles = [Patch(color=colour[i], label=i) for i in competitors]
+    handles.append(Line2D([], [], color="0.25", linestyle="--", label="torch = 1x"))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / height),
+               ncol=min(len(handles), 5), frameon=False, fontsize=_FONT_PT)
+    return fig
+
+
+def draw(op: str, rows: list[dict], path: Path) -> Path | None:
+    """Saves `figure(op, rows)` as a PNG at path; None when matplotlib is missing or nothing has a
+    speedup to show."""
+    try:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    passes = [p for p in harness.PASSES if any(r["pass_"] == p for r in rows)]
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, len(passes), figsize=(5 * len(passes), 4.5), squeeze=False)
-    width = 0.8 / max(1, len(impls))
-    for ax, p in zip(axes[0], passes):
-        for k, impl in enumerate(impls):
-            vals = [next((r["pct_ceiling"] for r in rows if r["case"] == c and r["impl"] == impl
-                          and r["pass_"] == p), 0.0) for c in cases]
-            ax.bar([i + k * width for i in range(len(cases))], vals, width, label=impl)
-        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))])
-        ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=7)
-        ax.set_title(f"{op}: {p}")
-        ax.set_ylabel("% of measured ceiling")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig = figure(op, rows)
+    if fig is None:
+        print(f"{op}: no row has a speedup over torch: no plot")
+        return None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def redraw(results: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Draws every op's plot again from a results file, without running anything:
+
+        python -c "import fastlm.bench as b; b.redraw('benchmarks/results/cpu-amd-epyc-2t.json')"
+
+    The PNGs go beside the file (or to out) as <machine>-<op>.png, as `run` names them."""
+    path = Path(results)
+    doc = json.loads(path.read_text())
+    folder = Path(out) if out is not None else path.parent
+    written = []
+    for op, res in doc.get("ops", {}).items():
+        png = draw(op, res["rows"], folder / f"{path.stem}-{op}.png")
+        if png:
+            written.append(png)
+    return written
