@@ -61,18 +61,23 @@ def _check_readable(fig) -> None:
 
 @pytest.mark.parametrize("make", [_quant_like, _attention_like])
 def test_plot_is_readable(make, tmp_path):
+    import matplotlib.pyplot as plt
+
     rows = make()
     fig = bench.figure(rows[0]["op"], rows)
     try:
         _check_readable(fig)
     finally:
-        fig.clear()
+        plt.close(fig)
     path = bench.draw(rows[0]["op"], rows, tmp_path / "plot.png")
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_one_panel_per_group_and_pass():
+    import matplotlib.pyplot as plt
+
     fig = bench.figure("attention", _attention_like())
+    plt.close(fig)
     titles = sorted(ax.get_title(loc="left") for ax in fig.axes)
     assert titles == sorted([f"{g}: {p}" for g in ("causal", "full")
                              for p in ("forward", "backward", "forward + backward")] + ["decode: forward"])

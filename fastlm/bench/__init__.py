@@ -103,14 +103,61 @@ def _speedup_ticks(lo: float, hi: float) -> list[float]:
     return ticks if len(ticks) <= 7 else [t for t in ticks if math.log10(t).is_integer()]
 
 
-def _columns(heights: list[float], passes: list[str]) -> list[list[int]]:
-    """Groups (by index) per column of panels: one column per pass, or, for one pass and a tall
-    stack, the groups in order over two columns split where the taller one is least tall."""
+def _columns(heights: list[float]) -> list[list[int]]:
+    """Groups (by index) per column of panels for an op with one pass: one column, or for a tall
+    stack the groups in order over two, split where the taller column is least tall."""
     n = len(heights)
-    if len(passes) > 1 or sum(heights) <= 12 or n < 2:
+    if sum(heights) <= 12 or n < 2:
         return [list(range(n))]
     cut = min(range(1, n), key=lambda k: max(sum(heights[:k]), sum(heights[k:])))
     return [list(range(cut)), list(range(cut, n))]
+
+
+def _label(case: str, group: str) -> str:
+    """A case's label in its group's panel: what varies inside the group ("M=1 (4.0x)")."""
+    rest = case[len(group):].strip() if case.startswith(group + " ") else ""
+    return rest or case
+
+
+@dataclasses.dataclass
+class _Panel:
+    group: str
+    pass_: str
+    cases: list[str]  # those with a speedup in this pass
+    impls: list[str]  # the competitors with a speedup here
+
+    def height(self) -> float:  # inches, with the title above and the tick labels below
+        return _TITLE_IN + len(self.cases) * (len(self.impls) * _BAR_IN + _CASE_GAP_IN) + _XAXIS_IN
+
+
+def _draw_panel(ax, panel: _Panel, speedup: dict, colour: dict) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    p, impls = panel.pass_, panel.impls
+    vals = [speedup[c, i, p] for c in panel.cases for i in impls if (c, i, p) in speedup]
+    lo, hi = min(min(vals) / 2.2, 1 / 1.5), max(max(vals) * 2.2, 1.5)  # room for the values' text
+    bar = 1.0 / (len(impls) + _CASE_GAP_IN / _BAR_IN)  # in case rows, so that a bar is _BAR_IN tall
+    for k, impl in enumerate(impls):
+        for n, c in enumerate(panel.cases):
+            v, y = speedup.get((c, impl, p)), n + (k - (len(impls) - 1) / 2) * bar
+            if v is None:
+                continue
+            ax.barh(y, v - 1.0, bar * 0.9, left=1.0, color=colour[impl])  # from 1x, either way
+            ax.text(v * 1.05 if v >= 1 else v / 1.05, y, f"{v:.2f}x" if v < 10 else f"{v:.1f}x",
+                    va="center", ha="left" if v >= 1 else "right", fontsize=6.5)
+    ax.axvline(1.0, color="0.25", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ticks = _speedup_ticks(lo, hi)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}x" for t in ticks], fontsize=_FONT_PT)
+    ax.set_ylim(len(panel.cases) - 0.5, -0.5)  # first case at the top
+    ax.set_yticks(range(len(panel.cases)))
+    ax.set_yticklabels([_label(c, panel.group) for c in panel.cases], fontsize=_FONT_PT)
+    ax.set_title(f"{panel.group}: {_PASS_TITLE.get(p, p)}", loc="left", fontsize=9)
+    ax.grid(axis="x", color="0.9", linewidth=0.6)
+    ax.set_axisbelow(True)
 
 
 def figure(op: str, rows: list[dict]):
@@ -120,14 +167,14 @@ def figure(op: str, rows: list[dict]):
     bar per competitor, its speedup over torch eager (the competitor named "torch"; for
     quant_matmul the dense matmul), drawn from the dashed line at 1x on a log axis so that 2x
     faster and 2x slower are bars of one length either side of it, with the value at the bar's end.
-    Groups are rows of panels and passes columns; the legend is above the panels, never over a bar."""
+    Groups are rows of panels and passes columns; the legend is above the panels, never over a bar.
+    Panels are placed in inches, so that every label gets the room it needs however many there are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
-    from matplotlib.ticker import FixedLocator, NullLocator
 
     speedup = {(r["case"], r["impl"], r["pass_"]): r["vs_eager"] for r in rows if r.get("vs_eager")}
     if not speedup:
@@ -141,80 +188,40 @@ def figure(op: str, rows: list[dict]):
             cases.append(r["case"])
     competitors = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "torch"))
     colour = {impl: plt.get_cmap("tab10")(k % 10) for k, impl in enumerate(competitors)}
-
-    def label(case: str, group: str) -> str:
-        rest = case[len(group):].strip() if case.startswith(group + " ") else ""
-        return rest or case
-
-    # (group, pass) -> (cases with a value in this pass, competitors with a value in this panel)
-    panels = {}
+    panels: dict[tuple[str, str], _Panel] = {}
     for g, cases in groups.items():
         for p in passes:
             shown = [c for c in cases if any((c, i, p) in speedup for i in competitors)]
-            impls = [i for i in competitors if any((c, i, p) in speedup for c in shown)]
             if shown:
-                panels[g, p] = (shown, impls)
+                impls = [i for i in competitors if any((c, i, p) in speedup for c in shown)]
+                panels[g, p] = _Panel(g, p, shown, impls)
 
-    def panel_height(g: str, p: str) -> float:
-        if (g, p) not in panels:
-            return 0.0
-        shown, impls = panels[g, p]
-        return _TITLE_IN + len(shown) * (len(impls) * _BAR_IN + _CASE_GAP_IN) + _XAXIS_IN
-
+    # A row of panels per group, as tall as its tallest; a column per pass (or two for one pass).
+    row_h = {g: max(panels[g, p].height() if (g, p) in panels else 0.0 for p in passes) for g in groups}
     names = list(groups)
-    row_h = [max(panel_height(g, p) for p in passes) for g in names]
-    cols = [[(names[k], p) for k in ks] for ks in _columns(row_h, passes)] if len(passes) == 1 else \
-        [[(g, p) for g in names] for p in passes]
-    rh = dict(zip(names, row_h))
-
-    def label_width(col) -> float:
-        chars = max((len(label(c, g)) for g, p in col if (g, p) in panels for c in panels[g, p][0]), default=1)
-        return chars * _CHAR_IN + 0.15
-
-    widths = [label_width(col) + _PLOT_W_IN + 0.3 for col in cols]
+    if len(passes) == 1:
+        cols = [[(names[k], passes[0]) for k in ks] for ks in _columns([row_h[g] for g in names])]
+    else:
+        cols = [[(g, p) for g in names] for p in passes]
+    label_w = [max((len(_label(c, g)) for g, p in col if (g, p) in panels for c in panels[g, p].cases), default=1)
+               * _CHAR_IN + 0.15 for col in cols]
     legend_rows = math.ceil((len(competitors) + 1) / 5)
     top = 0.4 + 0.25 * legend_rows  # the figure's title and the legend
-    height = top + max(sum(rh[g] for g, _ in col) for col in cols) + 0.1
-    width = sum(widths) + 0.1
+    height = top + max(sum(row_h[g] for g, _ in col) for col in cols) + 0.1
+    width = sum(label_w) + len(cols) * (_PLOT_W_IN + 0.3) + 0.1
     fig = plt.figure(figsize=(width, height))
     fig.suptitle(f"{op}: speedup over torch (time of torch / time of each; right of 1x is faster)",
                  x=0.5, y=1 - 0.12 / height, va="top", fontsize=10)
-    x0 = 0.05
-    for col, w in zip(cols, widths):
-        lw = label_width(col)
-        y = height - top
+    x = 0.05
+    for col, lw in zip(cols, label_w):
+        y = height - top  # the top of the next row of panels
         for g, p in col:
-            y -= rh[g]
-            if (g, p) not in panels:
-                continue
-            shown, impls = panels[g, p]
-            h = panel_height(g, p) - _TITLE_IN - _XAXIS_IN
-            ax = fig.add_axes([(x0 + lw) / width, (y + rh[g] - _TITLE_IN - h) / height, _PLOT_W_IN / width, h / height])
-            vals = [speedup[c, i, p] for c in shown for i in impls if (c, i, p) in speedup]
-            lo, hi = min(min(vals) / 2.2, 1 / 1.5), max(max(vals) * 2.2, 1.5)  # room for the values' text
-            bar = 1.0 / (len(impls) + _CASE_GAP_IN / _BAR_IN)
-            for k, impl in enumerate(impls):
-                ys = [n + (k - (len(impls) - 1) / 2) * bar for n in range(len(shown))]
-                for yy, c in zip(ys, shown):
-                    v = speedup.get((c, impl, p))
-                    if v is None:
-                        continue
-                    ax.barh(yy, v - 1.0, bar * 0.9, left=1.0, color=colour[impl])  # from 1x, either way
-                    ax.text(v * 1.05 if v >= 1 else v / 1.05, yy, f"{v:.2f}x" if v < 10 else f"{v:.1f}x",
-                            va="center", ha="left" if v >= 1 else "right", fontsize=6.5)
-            ax.axvline(1.0, color="0.25", linestyle="--", linewidth=1)
-            ax.set_xscale("log")
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(len(shown) - 0.5, -0.5)  # first case at the top
-            ax.xaxis.set_major_locator(FixedLocator(_speedup_ticks(lo, hi)))
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xticklabels([f"{t:g}x" for t in _speedup_ticks(lo, hi)], fontsize=_FONT_PT)
-            ax.set_yticks(range(len(shown)))
-            ax.set_yticklabels([label(c, g) for c in shown], fontsize=_FONT_PT)
-            ax.set_title(f"{g}: {_PASS_TITLE.get(p, p)}", loc="left", fontsize=9)
-            ax.grid(axis="x", color="0.9", linewidth=0.6)
-            ax.set_axisbelow(True)
-        x0 += w
+            if (g, p) in panels:
+                h = panels[g, p].height() - _TITLE_IN - _XAXIS_IN
+                ax = fig.add_axes([(x + lw) / width, (y - _TITLE_IN - h) / height, _PLOT_W_IN / width, h / height])
+                _draw_panel(ax, panels[g, p], speedup, colour)
+            y -= row_h[g]
+        x += lw + _PLOT_W_IN + 0.3
     handles = [Patch(color=colour[i], label=i) for i in competitors]
     handles.append(Line2D([], [], color="0.25", linestyle="--", label="torch = 1x"))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / height),
