@@ -5,7 +5,12 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace fastlm {
+
+// An optional tensor argument was passed (Python None arrives as nullopt or an undefined tensor).
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // tok_pos_embedding: ids (B, T); tok (V, D) and pos (P, D) of one dtype; start_pos + T <= P.
 inline void check_tok_pos(const at::Tensor& ids, const at::Tensor& tok, const at::Tensor& pos, int64_t start_pos) {

@@ -21,7 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import checker, sm_count
 from ._spec import SPEC_DTYPES, Spec
+
+_check = checker("activation")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Constants a kernel reads must be constexpr globals.
@@ -103,11 +106,6 @@ def _bias_gelu_bwd_kernel(
 # Launchers
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"fastlm.kernels.activation: {msg}")
-
-
 def _check_args(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
     _check(x.dim() == 2, f"x must be 2-D (M, N), got shape {tuple(x.shape)}")
     _check(x.dtype in DTYPES, f"x must be float16, bfloat16 or float32, got {x.dtype}")
@@ -132,10 +130,6 @@ def tile(M: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
     """Returns gelu(x + bias) in x's dtype."""
     M, N = _check_args(x, bias)
@@ -169,7 +163,7 @@ def bias_gelu_bwd(
     row_tiles = triton.cdiv(M, block_m)
     if on_gpu and need_dbias:
         # Enough programs for a few per SM; more would only add partial rows to sum.
-        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        sms = sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         row_programs = max(1, min(row_tiles, triton.cdiv(4 * sms, col_blocks)))
     else:
         row_programs = row_tiles if on_gpu else min(row_tiles, 4)

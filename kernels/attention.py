@@ -43,7 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import checker, sm_count
 from ._spec import SPEC_DTYPES, Spec
+
+_check = checker("attention")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 256
@@ -583,10 +586,6 @@ WHILE_LOOPS = _INTERPRET and _TRITON_VERSION < (3, 9)
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -662,11 +661,6 @@ def combine_warps(block_s: int, block_d: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"fastlm.kernels.attention: {msg}")
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_name: str = "k") -> tuple[int, ...]:
@@ -816,7 +810,7 @@ def decode_attention(
     num_row_blocks = triton.cdiv(group_rows, bm)
     # About two programs per SM on a GPU; a few chunks under the interpreter, so that the
     # combine kernel runs at test sizes too.
-    target = 2 * _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+    target = 2 * sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if on_gpu else 8
     chunk, splits = decode_splits(bn, B * Hk * num_row_blocks, Tmax, target)
     upcast, prec = _precision(q.dtype, _INTERPRET)
@@ -847,8 +841,14 @@ def decode_attention(
 # Compile specs: the variants tools/check_triton.py compiles for sm_90, restating the launchers' choices
 
 
+_TORCH_DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def compile_specs() -> list[Spec]:
-    torch_dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    return _prefill_specs() + _decode_specs()
+
+
+def _prefill_specs() -> list[Spec]:
     # (dtype, D, IS_CAUSAL, HAS_MASK, G, backward too). G = 1 is what an MHA launch specialises;
     # None: GQA, G passed as an integer. Every dtype at the fast head dims, the mask and GQA paths,
     # an odd head dim (padded BLOCK_D, masked columns) and the widest.
@@ -859,7 +859,7 @@ def compile_specs() -> list[Spec]:
               ("bf16", 256, False, True, None, False), ("bf16", 256, True, False, 1, True)]
     specs = []
     for dt, D, causal, has_mask, G, with_bwd in cases:
-        tdt = torch_dt[dt]
+        tdt = _TORCH_DT[dt]
         block_d = _block_d(D)
         pad = block_d != D
         bm, bn, warps, st = fwd_config(block_d, tdt, True, has_mask)
@@ -906,16 +906,20 @@ def compile_specs() -> list[Spec]:
             {"PAD_D": block_d != D, "BLOCK_M": DELTA_BLOCK_ROWS, "BLOCK_D": block_d}, 4,
             () if block_d != D else ("D",),
         ))
+    return specs
 
+
+def _decode_specs() -> list[Spec]:
     # Decode: (dtype, D, G, Tn, one chunk). One new token of an 8-head GQA group, written as
     # partials or (one chunk) as the output itself; 4 new tokens of an MHA head (speculative decoding).
     decode_cases = [(dt, 128, None, 1, False) for dt in SPEC_DTYPES]
     decode_cases += [("fp16", 128, None, 1, True), ("fp16", 64, 1, 4, False), ("bf16", 80, None, 1, False),
                      ("bf16", 256, None, 1, False)]
+    specs = []
     for dt, D, G, Tn, final in decode_cases:
         block_d = _block_d(D)
         pad = block_d != D
-        bm, bn, warps, st = decode_tiles(block_d, torch_dt[dt], True, (G or 8) * Tn)
+        bm, bn, warps, st = decode_tiles(block_d, _TORCH_DT[dt], True, (G or 8) * Tn)
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Seqlens": "*i32",
                "Out": f"*{dt}" if final else "*fp32", "Lse": "*fp32",
                "Hq": "i32", "Tmax": "i32", "D": "i32", "chunk": "i32", "qk_scale": "fp32"}

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import checker
 from ._spec import SPEC_DTYPES, Spec
+
+_check = checker("embedding")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -123,11 +126,6 @@ def _embedding_bwd_sorted_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"fastlm.kernels.embedding: {msg}")
 
 
 def _check_table(name: str, t: torch.Tensor) -> tuple[int, int]:

@@ -18,7 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import checker, sm_count
 from ._spec import SPEC_DTYPES, Spec
+
+_check = checker("norm")
 
 MAX_N = 65536
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -136,11 +139,6 @@ def _col_sum_kernel(P, Out, num_rows, N, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: t
 # Launchers
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"fastlm.kernels.norm: {msg}")
-
-
 def _check_row_tensor(name: str, t: torch.Tensor | None, x: torch.Tensor, shape: tuple) -> None:
     if t is None:
         return
@@ -171,14 +169,10 @@ def _num_warps(block_n: int) -> int:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _bwd_programs(x: torch.Tensor, M: int) -> int:
     if x.device.type == "cuda":
         # A few resident programs per SM keep enough loads in flight; more only grows the partials.
-        n = 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        n = 4 * sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     else:
         # The interpreter runs programs one after another: fewer programs, fewer partial rows.
         n = 4

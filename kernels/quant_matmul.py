@@ -32,7 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import checker, sm_count
 from ._spec import SPEC_DTYPES, Spec
+
+_check = checker("quant_matmul")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZES = (32, 64, 128)
@@ -197,23 +200,14 @@ def gemm_config(M: int, N: int, bits: int, group_size: int, fp32: bool = False) 
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_splits(x: torch.Tensor, tiles: int, K: int, block_k: int) -> int:
     """How many ways to split K so that about two programs per SM run, each >= 4 steps long."""
     if x.device.type == "cuda":
-        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        sms = sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     else:
         sms = 2  # the interpreter: few programs, but still the split path for small outputs
     want = triton.cdiv(2 * sms, tiles)
     return max(1, min(want, triton.cdiv(K, 4 * block_k), 32))
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"fastlm.kernels.quant_matmul: {msg}")
 
 
 def _check_args(x, qweight, scales, zeros, bias, bits, group_size) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "cpu/vec.h"
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -237,8 +238,6 @@ void bwd_f64(const double* dy, const double* x, const double* b, double* dx, dou
     }
   });
 }
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 template <typename T>
 const T* ptr_or_null(const OptTensor& t) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/vec.h"
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -224,7 +225,7 @@ void norm_bwd_f64(const double* dy, const double* x, const double* w, const doub
 
 template <typename T>
 const T* ptr_or_null(const OptTensor& t) {
-  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+  return present(t) ? t->data_ptr<T>() : nullptr;
 }
 
 template <typename T>
@@ -239,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
     double eps, bool rms) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "norm_fwd: x must be a contiguous 2-D tensor");
   const int64_t m = x.size(0), n = x.size(1);
-  const bool has_res = residual.has_value() && residual->defined();
+  const bool has_res = present(residual);
   const bool f64 = x.scalar_type() == at::kDouble;
   auto y = at::empty_like(x);
   auto h = has_res ? at::empty_like(x) : at::empty({0}, x.options());
@@ -269,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && dy.sizes() == x.sizes() && dy.is_contiguous(),
               "norm_bwd: dy and x must be contiguous 2-D tensors of one shape");
   const int64_t m = x.size(0), n = x.size(1);
-  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_w = present(weight);
   const bool f64 = x.scalar_type() == at::kDouble;
   auto dx = at::empty_like(x);
   auto acc_opt = x.options().dtype(f64 ? at::kDouble : at::kFloat);

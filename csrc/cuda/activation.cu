@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -137,8 +138,6 @@ __global__ void sum_partials_kernel(const float* __restrict__ part, int64_t part
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 template <typename T>
 const T* ptr_or_null(const OptTensor& t) {

@@ -35,6 +35,7 @@
 
 #include "cuda/attention_common.cuh"
 #include "cuda/common.cuh"
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -760,8 +761,6 @@ __global__ void __launch_bounds__(kThreads) bwd_simt_kernel(const AttnParams p) 
 }
 
 // ---- host ------------------------------------------------------------------------------------
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 void check_mask(const OptTensor& mask, const at::Tensor& q, int64_t Tk, const char* op) {
   if (!present(mask)) return;

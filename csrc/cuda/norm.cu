@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -536,8 +537,6 @@ void run_bwd(BwdArgs<T> a, const at::Tensor& x, T* dw, T* db, cudaStream_t strea
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 template <typename T>
 const T* ptr_or_null(const OptTensor& t) {

@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "checks.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -415,8 +416,6 @@ __global__ void reduce_kernel(const float* part, const T* bias, T* y, int64_t MN
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 unsigned int grid_dim(int64_t blocks, const char* what) {
   TORCH_CHECK(blocks <= INT_MAX, "quant_matmul (cuda): too many ", what, " (", blocks, ")");
