@@ -20,6 +20,10 @@ def _bench(args) -> int:
 
     from fastlm import bench
 
+    if args.redraw:
+        for png in bench.redraw(args.redraw):
+            print(f"wrote {png}")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = list(bench.OPS) if args.op in (None, "all") else [args.op]
     bench.run(ops, device, args.quick, args.out, plot=not args.no_plot, reuse_memory=not args.default_allocator)
@@ -275,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="one shape per op, fewer repetitions")
     s.add_argument("--out", default="benchmarks/results", help="folder for the JSON results and plots")
     s.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    s.add_argument("--redraw", metavar="RESULTS_JSON", help="only draw the plots again from a results file")
     s.add_argument("--default-allocator", action="store_true",
                    help="CPU: keep glibc's allocator as it is (large outputs page-fault on every call) "
                         "instead of reusing freed memory; results go to <machine>-default-alloc.json")

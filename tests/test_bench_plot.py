@@ -105,3 +105,15 @@ def test_case_group_defaults_to_the_family():
     assert case.group == "rms_norm"
     assert harness.Case(op="norm", name="x 1", shape=(1,), dtype=torch.float32, make=lambda: (), impls={},
                         work={}, group="mine").group == "mine"
+
+
+def test_cli_redraws_plots_from_a_results_file(tmp_path):
+    import json
+
+    from fastlm import cli
+
+    results = tmp_path / "box.json"
+    results.write_text(json.dumps({"machine": {}, "ops": {"attention": {"rows": _attention_like()}}}))
+    assert cli.main(["bench", "--redraw", str(results)]) == 0
+    png = tmp_path / "box-attention.png"
+    assert png.exists() and png.stat().st_size > 10_000

@@ -249,7 +249,7 @@ def draw(op: str, rows: list[dict], path: Path) -> Path | None:
 def redraw(results: str | Path, out: str | Path | None = None) -> list[Path]:
     """Draws every op's plot again from a results file, without running anything:
 
-        python -c "import fastlm.bench as b; b.redraw('benchmarks/results/cpu-amd-epyc-2t.json')"
+        fastlm bench --redraw benchmarks/results/cpu-amd-epyc-2t.json
 
     The PNGs go beside the file (or to out) as <machine>-<op>.png, as `run` names them."""
     path = Path(results)
