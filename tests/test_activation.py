@@ -281,3 +281,26 @@ if given is not None:
                                    ("y", "dx", "dbias")):
             if want is not None:
                 scaled_close(got, want, dict(rtol=1e-5, atol=2e-5), name)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_linear_gelu(backend, device, quantized):
+    """linear_gelu = gelu(linear(x, W, b)) for a float or an int8 weight, forward and the gradients
+    of x and b: the fastlm backends move the bias add into the GELU, the torch one keeps it in the
+    matmul; both against the float64 truth."""
+    from fastlm import quant
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 64, device=device, requires_grad=True)
+    w = torch.randn(96, 64, device=device) / 8
+    b = torch.randn(96, device=device, requires_grad=True)
+    weight = quant.quantize(w, bits=8) if quantized else w
+    y = ops.linear_gelu(x, weight, b, backend=backend)
+    dy = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y, (x, b), dy)
+    wd = quant.dequantize(weight.to("cpu"), torch.float64) if quantized else w.cpu().double()
+    xd, bd = x.detach().cpu().double().requires_grad_(), b.detach().cpu().double().requires_grad_()
+    yd = ref.bias_gelu(xd @ wd.t(), bd, "tanh")
+    dxd, dbd = torch.autograd.grad(yd, (xd, bd), dy.cpu().double())
+    for got, want in ((y, yd), (dx, dxd), (db, dbd)):
+        assert ref.error(got.detach().cpu(), want.detach()) <= 1e-5

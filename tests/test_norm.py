@@ -286,3 +286,32 @@ if given is not None:
         if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
             pytest.skip("the cpu backend is not built")
         check_case(kind, (*lead, n), 1, torch.float32, "cpu", "cpu", affine, residual, F32_TOL)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_module_residual_argument(backend, device, kind):
+    """norm(x, residual) of fastlm.nn returns (norm(x + residual), x + residual), the sum taken in the
+    residual's dtype (a low-precision sub-layer output into a float32 stream, as under autocast);
+    norm(x) stays torch's one-argument forward."""
+    torch.manual_seed(0)
+    mod = (fastlm.nn.LayerNorm(64) if kind == "layer" else fastlm.nn.RMSNorm(64, eps=1e-5)).to(device)
+    with torch.no_grad():
+        mod.weight.normal_()
+    w = mod.weight.detach().cpu()
+    b = mod.bias.detach().cpu() if kind == "layer" else None
+    def truth(x, residual=None):
+        if kind == "layer":
+            return ref.layer_norm(x, (64,), w, b, 1e-5, residual=residual)
+        return ref.rms_norm(x, (64,), w, 1e-5, residual=residual)
+
+    x = torch.randn(3, 5, 64, device=device).to(LOW[0])
+    r = torch.randn(3, 5, 64, device=device)
+    with fastlm.use_backend(backend):
+        y, h = mod(x, r)
+        alone = mod(r)
+    want_y, want_h = truth(x.float().cpu(), residual=r.cpu())
+    assert h.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(h.cpu(), want_h, rtol=0, atol=0)
+    torch.testing.assert_close(y.cpu().double(), want_y, rtol=1e-5, atol=1e-5)
+    assert isinstance(alone, torch.Tensor)
+    torch.testing.assert_close(alone.cpu().double(), truth(r.cpu())[0], rtol=1e-5, atol=1e-5)
