@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from _env import INTERPRET
 
 import fastlm
 from fastlm import backends
@@ -29,7 +30,7 @@ def test_backend_for_another_device_says_why():
         fastlm.ops.layer_norm(torch.randn(2, 4), (4,), backend="cuda")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="triton runs on the CPU here")
+@pytest.mark.skipif(INTERPRET, reason="triton runs on the CPU here")
 def test_triton_on_cpu_needs_the_interpreter():
     with pytest.raises(fastlm.BackendUnavailable, match="TRITON_INTERPRET=1"):
         fastlm.ops.rms_norm(torch.randn(2, 4), (4,), backend="triton")
