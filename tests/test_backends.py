@@ -80,3 +80,16 @@ def test_extension_missing_falls_back_to_torch():
     lines = out.stdout.splitlines()
     assert lines[0] == "torch" and float(lines[1]) == 0.0
     assert "fastlm._C was not built" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_kernels_run_on_their_tensors_device(name):
+    """Tensors on cuda:1 while cuda:0 is current: every launch must follow the tensors."""
+    if backends.why_unavailable(name, "cuda") is not None:
+        pytest.skip(backends.why_unavailable(name, "cuda"))
+    x = torch.randn(33, 256, device="cuda:1")
+    w, b = torch.randn(256, device="cuda:1"), torch.randn(256, device="cuda:1")
+    with torch.cuda.device(0):
+        y = fastlm.ops.layer_norm(x, (256,), w, b, backend=name)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (256,), w, b), rtol=1e-5, atol=1e-5)

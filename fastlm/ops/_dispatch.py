@@ -50,6 +50,20 @@ def kernels(family: str, backend: str):
     return torch.ops.fastlm_C
 
 
+def _cuda_device(args) -> torch.device | None:
+    return next((a.device for a in args if isinstance(a, Tensor) and a.is_cuda), None)
+
+
+def run(family: str, body: Callable, backend: str, args) -> object:
+    """body(lib, *args). Triton launches on the current CUDA device, not the tensors' (the C++
+    entry points guard themselves): tensors on cuda:1 while cuda:0 is current would fault."""
+    lib = kernels(family, backend)
+    if backend == "triton" and (device := _cuda_device(args)) is not None:
+        with torch.cuda.device(device):
+            return body(lib, *args)
+    return body(lib, *args)
+
+
 def _tracks_grad(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
@@ -64,7 +78,7 @@ class KernelOp:
                   inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
 
         def impl(*args):
-            return body(kernels(family, args[-1]), *args[:-1])
+            return run(family, body, args[-1], args[:-1])
 
         impl.__signature__ = sig.replace(parameters=params)
         impl.__name__, impl.__doc__, impl.__module__ = self.name, body.__doc__, body.__module__
@@ -94,7 +108,7 @@ class KernelOp:
         class Eager(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):
-                out = op.body(kernels(op.family, args[-1]), *args[:-1])
+                out = run(op.family, op.body, args[-1], args[:-1])
                 setup(ctx, args, out, eager=True)
                 if nondiff_outputs:
                     ctx.mark_non_differentiable(*(out[i] for i in nondiff_outputs))
@@ -112,12 +126,12 @@ class KernelOp:
             return self.op(*args, backend)
         if self._eager is not None and _tracks_grad(args):
             return self._eager.apply(*args, backend)
-        return self.body(kernels(self.family, backend), *args)
+        return run(self.family, self.body, backend, args)
 
     def via(self, ctx) -> Callable:
         """This op, called from the backward of an op whose context is ctx, by the same route."""
         if ctx.eager:
-            return functools.partial(self.body, kernels(self.family, ctx.backend))
+            return lambda *args: run(self.family, self.body, ctx.backend, args)
         return lambda *args: self.op(*args, ctx.backend)
 
 
