@@ -781,6 +781,21 @@ def attention_bwd(
     return dq, dk, dv
 
 
+def _check_seqlens(cache_seqlens: torch.Tensor, Tn: int, Tmax: int) -> None:
+    """Lengths outside [Tn, Tmax], checked without a host read: a decode step must not wait for the
+    device (fastlm.ops has checked them already, from host-known bounds where the caller gave them).
+    On a CPU torch._assert_async fails at once and the error names the length; on a GPU it is a
+    device-side assert, later. The kernel clamps lengths as well, so none reads outside the cache."""
+    bad = (cache_seqlens < Tn) | (cache_seqlens > Tmax)
+    try:
+        torch._assert_async(~bad.any(), f"fastlm.kernels.attention: cache_seqlens must lie in [Tn, Tmax] = "
+                                        f"[{Tn}, {Tmax}]")
+    except RuntimeError:  # synchronous: a CPU tensor, so reading it waits for nothing
+        i = int(bad.nonzero()[0, 0])
+        _check(False, f"cache_seqlens[{i}] = {int(cache_seqlens[i])} must lie in [Tn, Tmax] = [{Tn}, {Tmax}]")
+        raise
+
+
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
@@ -795,12 +810,7 @@ def decode_attention(
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    # One host sync to reject bad lengths by name; the kernel also clamps them, so a bad length
-    # could never make it read outside the cache.
-    bad = (cache_seqlens < Tn) | (cache_seqlens > Tmax)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        _check(False, f"cache_seqlens[{i}] = {int(cache_seqlens[i])} must lie in [Tn, Tmax] = [{Tn}, {Tmax}]")
+    _check_seqlens(cache_seqlens, Tn, Tmax)
 
     on_gpu = q.device.type == "cuda"
     block_d = _block_d(D)

@@ -10,7 +10,11 @@ position variant adds the position row in float32 and rounds once, in the same s
 
 Bad ids: the kernel never loads a row for an id outside [0, V); it masks that row and atomically
 lowers a one-element int64 buffer (initialised to n) to the smallest offending position. The
-launcher reads that buffer once after the kernel and raises IndexError naming the id.
+launcher never reads that buffer on the host (a decode step must not wait for the device, and a
+CUDA graph cannot): it hands it to torch._assert_async. On a CPU that check runs at once and the
+launcher raises IndexError naming the id; on a GPU it fails later, as a device-side assert with
+this module's message (the way torch's own gather reports a bad index), and nothing was read out
+of bounds meanwhile.
 
 Backward, fast path: float32 atomic adds into a zeroed float32 (V, D) buffer, cast afterwards.
 Backward, deterministic: the launcher sorts the ids (stable) and finds where each run of equal ids
@@ -162,8 +166,18 @@ def _num_warps(row_bytes: int) -> int:
     return 4 if row_bytes <= 2048 else 8
 
 
+def _check_bad_ids(bad: torch.Tensor, ids: torch.Tensor, V: int) -> None:
+    n = ids.numel()
+    try:
+        torch._assert_async(bad[0] == n, f"fastlm.kernels.embedding: an id is out of range for an embedding "
+                                         f"table of {V} rows")
+    except RuntimeError:  # raised here only where the check is synchronous: a CPU tensor
+        _raise_bad_id(bad, ids, V)
+        raise
+
+
 def _raise_bad_id(bad: torch.Tensor, ids: torch.Tensor, V: int) -> None:
-    pos = int(bad.item())  # the one host sync of the check
+    pos = int(bad.item())  # on the error path only
     if pos < ids.numel():
         value = int(ids.view(-1)[pos].item())
         where = "ids[" + ", ".join(str(k) for k in _unravel(pos, ids.shape)) + "]"
@@ -195,7 +209,7 @@ def _launch_fwd(ids, weight, pos, out, T, start_pos):
         n, V, D, T, start_pos,
         HAS_POS=pos is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
-    _raise_bad_id(bad, ids, V)
+    _check_bad_ids(bad, ids, V)
 
 
 def embedding_fwd(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

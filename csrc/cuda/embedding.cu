@@ -5,8 +5,10 @@
 // several groups share a block when rows are short, and each thread moves the widest chunk
 // (16 bytes down to 2) that the row length and the pointers allow, several chunks in flight at a
 // time. An id outside the table is never used as an address: its row is skipped and its position
-// recorded (the smallest wins), and the host raises IndexError after the launch. That costs one
-// synchronisation per call, the price of naming the offending value.
+// recorded (the smallest wins). The host never reads that record back: a decode step must not wait
+// for the device (and a CUDA graph cannot). The first thread to record a bad id prints it, and
+// at::_assert_async turns the record into a device-side assert, as torch's own gather reports a bad
+// index; the error surfaces at the next synchronisation.
 //
 // Backward adds gradient rows into the table's gradient. By default with float32 atomics into a
 // zeroed table, four floats per instruction on Hopper. Deterministic mode sorts the ids stably (so
@@ -27,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "cuda/common.cuh"
@@ -55,9 +58,13 @@ __device__ __forceinline__ Lane lane(int group) {
           static_cast<int>(threadIdx.x % group)};
 }
 
-// The smallest bad position wins, so the error names the first bad id, as on the CPU.
-__device__ __forceinline__ void record_bad(int64_t* first_bad, int64_t pos) {
-  atomicMin(reinterpret_cast<long long*>(first_bad), static_cast<long long>(pos));
+// The smallest bad position wins. Only the first thread to record one (it finds the initial n)
+// prints, so a batch full of bad ids prints one line, naming one of them.
+__device__ __forceinline__ void record_bad(int64_t* first_bad, int64_t pos, int64_t n, int64_t id, int64_t rows) {
+  const long long was = atomicMin(reinterpret_cast<long long*>(first_bad), static_cast<long long>(pos));
+  if (was == n)
+    printf("fastlm embedding (cuda): id %lld at position %lld is out of range for an embedding table of %lld "
+           "rows\n", static_cast<long long>(id), static_cast<long long>(pos), static_cast<long long>(rows));
 }
 
 // Packs move through an integer type of their size, addressed as Pack pointers: nvcc otherwise
@@ -107,7 +114,7 @@ __global__ void __launch_bounds__(kBlock)
   if (l.item >= n) return;
   const int64_t id = static_cast<int64_t>(ids[l.item]);
   if (id < 0 || id >= rows) {
-    if (l.t == 0) record_bad(first_bad, l.item);
+    if (l.t == 0) record_bad(first_bad, l.item, n, id, rows);
     return;
   }
   const P* src = table + id * units;
@@ -134,7 +141,7 @@ __global__ void __launch_bounds__(kBlock)
   if (l.item >= n) return;
   const int64_t id = static_cast<int64_t>(ids[l.item]);
   if (id < 0 || id >= rows) {
-    if (l.t == 0) record_bad(first_bad, l.item);
+    if (l.t == 0) record_bad(first_bad, l.item, n, id, rows);
     return;
   }
   const Pk* a = reinterpret_cast<const Pk*>(tok) + id * units;
@@ -337,12 +344,10 @@ at::Tensor no_bad_yet(const at::Tensor& ids) {
   return at::full({1}, ids.numel(), ids.options().dtype(at::kLong));
 }
 
-void raise_if_bad(const at::Tensor& first_bad, const at::Tensor& ids, int64_t rows) {
-  const int64_t pos = first_bad.item<int64_t>();  // the one synchronisation
-  if (pos >= ids.numel()) return;
-  const int64_t value = ids.reshape(-1)[pos].item<int64_t>();
-  TORCH_CHECK_INDEX(false, "embedding: id ", value, " is out of range for an embedding table of ", rows,
-                    " rows (at position ", pos, ")");
+void assert_no_bad(const at::Tensor& first_bad, const at::Tensor& ids, int64_t rows) {
+  at::_assert_async(first_bad.ge(ids.numel()),
+                    "embedding (cuda): an id is out of range for an embedding table of " + std::to_string(rows) +
+                        " rows (the kernel printed which)");
 }
 
 template <typename P, typename I>
@@ -439,7 +444,7 @@ at::Tensor embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& weight) {
       default: launch_gather<uint16_t, I>(ids, weight, out, bad, stream); break;
     }
   });
-  raise_if_bad(first_bad, ids, weight.size(0));
+  assert_no_bad(first_bad, ids, weight.size(0));
   return out;
 }
 
@@ -471,7 +476,7 @@ at::Tensor tok_pos_embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& t
       }
     });
   });
-  raise_if_bad(first_bad, ids, tok.size(0));
+  assert_no_bad(first_bad, ids, tok.size(0));
   return out;
 }
 
