@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -247,32 +248,64 @@ def test_decode_bad_input(backend, device):
         ops.decode_attention(q, kc[..., :8], kc[..., :8], lens, backend=backend)
 
 
+class HostReads:
+    """Records every read of a tensor's value into Python made by code outside triton (whose
+    interpreter reads its CPU tensors to run kernels; on a GPU nothing of it runs). Each such read
+    would make a GPU wait for the device: a decode step must have none."""
+
+    NAMES = ("min", "max", "item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.reads, self._mp = [], monkeypatch
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._logged(name, getattr(torch.Tensor, name)))
+
+    def _logged(self, name, original):
+        def read(t, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}triton{os.sep}" not in caller:
+                self.reads.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(t, *args, **kwargs)
+        return read
+
+    def stop(self) -> list[str]:
+        self._mp.undo()
+        return self.reads
+
+
 def test_decode_seqlen_range(backend, device, monkeypatch):
     # Lengths known on the host: the same result, without reading cache_seqlens back (on a GPU
-    # that read waits for the device), and the range itself is checked.
+    # that read waits for the device) here or in the kernels' launchers, and the range itself is checked.
     q = torch.randn(2, 4, 1, 16, device=device)
     kc = torch.randn(2, 2, 8, 16, device=device)
     lens = torch.tensor([6, 6], dtype=torch.int32, device=device)
     want = ops.decode_attention(q, kc, kc, lens, backend=backend)
-    reads = []
-
-    def logged(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(t, *args, **kwargs):
-            reads.append(name)
-            return original(t, *args, **kwargs)
-        return read
-
-    for name in ("min", "max", "item", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, logged(name))
+    reads = HostReads(monkeypatch)
     got = ops.decode_attention(q, kc, kc, lens, backend=backend, seqlen_range=(6, 6))
-    monkeypatch.undo()
-    assert reads == []
+    assert reads.stop() == []
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for bad in ((0, 6), (6, 9), (7, 6)):
         with pytest.raises(ValueError, match="seqlen_range"):
             ops.decode_attention(q, kc, kc, lens, backend=backend, seqlen_range=bad)
+
+
+def test_decode_launcher_checks_lengths_without_host_reads(backend, device, monkeypatch):
+    """The GPU launchers' own length check runs on the device; on a CPU it still names the length."""
+    if backend not in ("triton", "cuda"):
+        pytest.skip("the GPU backends' launchers")
+    import fastlm.kernels.attention as ka
+
+    q = torch.randn(2, 4, 1, 16, device=device)
+    kc = torch.randn(2, 2, 8, 16, device=device)
+    lens = torch.tensor([6, 3], dtype=torch.int64, device=device)
+    launch = ka.decode_attention if backend == "triton" else torch.ops.fastlm_C.decode_attention
+    reads = HostReads(monkeypatch)
+    got = launch(q, kc, kc, lens, 0.25)
+    assert reads.stop() == []
+    torch.testing.assert_close(got, ops.decode_attention(q, kc, kc, lens, scale=0.25, backend="torch"))
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 9 must lie in \[Tn, Tmax\] = \[1, 8\]"):
+            launch(q, kc, kc, torch.tensor([6, 9], device=device), 0.25)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -126,6 +126,9 @@ def test_token_position_embedding_1d_ids(backend, device):
 
 @pytest.mark.parametrize("bad", [10, -1, 1 << 40])
 def test_out_of_range_ids_raise_index_error_naming_the_value(backend, device, bad):
+    if device == "cuda" and backend != "torch":
+        pytest.skip("a device-side assert on a GPU, which ends the process's CUDA context: "
+                    "test_out_of_range_id_on_a_gpu_is_a_device_assert")
     w = table(10, 4, torch.float32, device)
     if bad >= 1 << 31:
         ids = torch.tensor([1, bad, 2], device=device)
@@ -135,6 +138,49 @@ def test_out_of_range_ids_raise_index_error_naming_the_value(backend, device, ba
         ops.embedding(ids, w, backend=backend)
     with pytest.raises(IndexError, match=f"id {bad} is out of range"):
         ops.token_position_embedding(ids, w, table(8, 4, torch.float32, device), backend=backend)
+
+
+def test_lookup_reads_nothing_on_the_host(backend, device, monkeypatch):
+    """The kernels check ids on the device: a lookup makes no host read (on a GPU each would wait
+    for the device, once per decoded token)."""
+    if backend == "torch":
+        pytest.skip("the torch path checks ids itself, with a host read")
+    from test_attention import HostReads
+
+    w, ids = table(10, 8, torch.float32, device), torch.tensor([[1, 9, 2]], device=device)
+    want = ops.embedding(ids, w, backend="torch"), ops.token_position_embedding(ids, w, w, 4, backend="torch")
+    reads = HostReads(monkeypatch)
+    with torch.no_grad():
+        got = ops.embedding(ids, w, backend=backend), ops.token_position_embedding(ids, w, w, 4, backend=backend)
+    assert reads.stop() == []
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+_BAD_ID_ON_GPU = """
+import sys, torch
+from fastlm import ops
+w = torch.randn(10, 4, device="cuda")
+out = ops.embedding(torch.tensor([1, 10, 2], device="cuda"), w, backend=sys.argv[1])
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_out_of_range_id_on_a_gpu_is_a_device_assert(gpu_backend):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _BAD_ID_ON_GPU, gpu_backend], capture_output=True, text=True,
+                         timeout=120)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0 and "no error" not in run.stdout, log
+    assert "device-side assert" in log or "out of range" in log, log
+    if gpu_backend == "cuda":
+        assert "id 10 at position 1 is out of range for an embedding table of 10 rows" in log, log
 
 
 @pytest.mark.parametrize(
