@@ -4,7 +4,9 @@ Tests that take the `backend` fixture run once per backend available on each dev
 on this CPU "torch" and "cpu"; with TRITON_INTERPRET=1 only "triton" (the Triton suite, run as a
 separate pytest process because the variable must be set before triton is imported); on a GPU
 machine "torch", "cuda" and "triton" on CUDA tensors as well. The `device` fixture follows the
-backend. Tests marked `triton` are selected with -m triton.
+backend. Tests marked `triton` are selected with -m triton; `gpu` marks what a GPU machine must
+run (the cuda and triton backends on CUDA tensors, and tests marked gpu by hand, which skip
+without CUDA): benchmarks/gpu_check.sh runs -m gpu, not the CPU tests it would repeat.
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ def pytest_generate_tests(metafunc):
         )
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device (benchmarks/gpu_check.sh selects -m gpu)")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("backend") == "triton":
             item.add_marker(pytest.mark.triton)
+        if callspec is not None and callspec.params.get("device") == "cuda" and \
+                callspec.params.get("backend") in ("cuda", "triton"):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True)
