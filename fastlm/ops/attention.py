@@ -78,11 +78,25 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask = ctx.saved_tensors
+    if ctx.backend == "cuda" and torch.are_deterministic_algorithms_enabled():
+        _cuda_backward_is_not_deterministic()
     dq, dk, dv = attention_bwd.via(ctx)(dout.contiguous(), q, k, v, out, lse, mask, ctx.is_causal, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
 attention_fwd.register_autograd(_setup_context, _backward, nondiff_outputs=(1,))
+
+
+def _cuda_backward_is_not_deterministic() -> None:
+    # As torch does for its own nondeterministic kernels: an error, or a warning under warn_only.
+    msg = ("scaled_dot_product_attention: the cuda backend's backward sums dQ with float atomics, whose "
+           "order varies from run to run, but torch.use_deterministic_algorithms(True) is set; use "
+           "backend='triton' (no atomics), 'cpu' or 'torch', or use_deterministic_algorithms(True, warn_only=True)")
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(msg)
+    import warnings
+
+    warnings.warn(msg, stacklevel=3)
 
 
 @kernel_op("attention", name="decode_attention")
