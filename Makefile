@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.fastlm-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench setup lint test-cpu test-triton check-triton check-cuda cuda-link-check clean
+.PHONY: test bench setup lint test-cpu test-triton check-triton check-cuda cuda-link-check install-check clean
 
 test: setup lint test-cpu test-triton check-triton check-cuda
 
@@ -52,9 +52,14 @@ check-triton: setup
 check-cuda: setup
 	PYTHON=$(PY) bash tools/check_cuda.sh
 
+# Install as a user would: a fresh venv holding only torch, then `pip install` of an sdist (pip's
+# isolated build), checked to download no torch, load the extension and run an op on it.
+install-check:
+	bash tools/install_check.sh
+
 # Build and link the real CUDA extension against a CUDA-enabled torch in .venv-cuda.
 cuda-link-check:
 	bash tools/cuda_link_check.sh
 
 clean:
-	rm -rf build fastlm/_C*.so *.egg-info .pytest_cache
+	rm -rf build fastlm/_C*.so fastlm/_C.build.json *.egg-info .pytest_cache

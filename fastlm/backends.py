@@ -18,6 +18,9 @@ import contextlib
 import functools
 import importlib.util
 import os
+import platform
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -35,22 +38,67 @@ class BackendUnavailable(RuntimeError):
 # --- the compiled extension -------------------------------------------------------------------
 
 _C_ERROR: str | None = None
+_C_PATH: str | None = None   # the library that was loaded
+_C_INFO: dict | None = None  # its build record (torch version, CUDA kernels and why)
+# The instructions AVX2 builds use; a CPU without them would die on an illegal instruction.
+_NEEDED_CPU_FLAGS = ("avx2", "fma", "f16c")
+
+
+def _missing_cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return []
+    return [] if flags is None else [f for f in _NEEDED_CPU_FLAGS if f not in flags]
+
+
+def _candidates(fb) -> list[tuple[str, dict | None]]:
+    """(library, its build record) for the build made at install, then one from `fastlm build`."""
+    found = []
+    spec = importlib.util.find_spec("fastlm._C")
+    if spec is not None and spec.origin is not None:
+        found.append((spec.origin, fb.read_info(Path(spec.origin).parent)))
+    try:
+        cached = fb.cache_dir()
+    except FileNotFoundError:  # the sources are not installed: nothing could have been built
+        return found
+    for lib in cached.glob("fastlm_C*.so"):
+        found.append((str(lib), fb.read_info(cached)))
+    return found
 
 
 @functools.cache
 def _load_extension() -> bool:
-    """Load fastlm._C (it registers torch.ops.fastlm_C.*). Failure is recorded, not raised."""
-    global _C_ERROR
-    spec = importlib.util.find_spec("fastlm._C")
-    if spec is None or spec.origin is None:
-        _C_ERROR = "fastlm._C was not built (reinstall with `pip install -e . --no-build-isolation`)"
+    """Load fastlm._C (it registers torch.ops.fastlm_C.*), if one was built for the running torch.
+    Failure is recorded with the command that fixes it, not raised: every op then runs on torch."""
+    global _C_ERROR, _C_PATH, _C_INFO
+    from fastlm import _build as fb
+
+    fix = f"run `fastlm build` to compile it for torch {torch.__version__} (a few minutes)"
+    if platform.machine() in ("x86_64", "AMD64") and (missing := _missing_cpu_flags()):
+        _C_ERROR = f"this CPU lacks {', '.join(missing)}, which fastlm._C's kernels need"
         return False
-    try:
-        torch.ops.load_library(spec.origin)
-    except (OSError, RuntimeError) as e:
-        _C_ERROR = f"fastlm._C failed to load: {e}"
-        return False
-    return True
+    reasons = []
+    for lib, info in _candidates(fb):
+        if info is not None and info.get("torch") != torch.__version__:
+            reasons.append(f"{lib} was built for torch {info.get('torch')}")
+            continue
+        try:
+            torch.ops.load_library(lib)
+        except (OSError, RuntimeError) as e:
+            reasons.append(f"{lib} failed to load ({e})")
+            continue
+        _C_PATH, _C_INFO = lib, info
+        return True
+    _C_ERROR = f"{'; '.join(reasons) or 'fastlm._C was not built'}: {fix}"
+    return False
+
+
+def extension_info() -> tuple[str | None, dict | None]:
+    """(path, build record) of the loaded extension, or (None, None)."""
+    _load_extension()
+    return _C_PATH, _C_INFO
 
 
 def extension_error() -> str | None:
@@ -167,4 +215,13 @@ def choose(op: str, device: torch.device, backend: str | None = None) -> str:
     for name in AUTO_ORDER.get(dtype, ("torch",)):
         if why_unavailable(name, dtype) is None:
             return name
+        if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+            _warn_fallback(name)
     return "torch"
+
+
+@functools.cache
+def _warn_fallback(backend: str) -> None:
+    """Once per backend: the compiled kernels were wanted but cannot run, so torch's path does."""
+    warnings.warn(f"fastlm: backend {backend!r} is not available ({_why_unavailable(backend, backend)}); "
+                  f"ops run on the torch reference path", RuntimeWarning, stacklevel=3)

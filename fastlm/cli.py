@@ -30,6 +30,18 @@ def _bench(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    import time
+
+    from fastlm import _build
+
+    print(f"fastlm: compiling fastlm._C into {_build.cache_dir()} (a few minutes) ...", flush=True)
+    t0 = time.perf_counter()
+    path = _build.build(verbose=args.verbose)
+    print(f"fastlm: built {path} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def _fail(msg: str) -> int:
     print(f"fastlm: error: {msg}", file=sys.stderr)
     return 2
@@ -271,6 +283,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="versions, built kernels, usable backends, devices")
     s.set_defaults(func=_info)
+    s = sub.add_parser("build", help="compile fastlm._C for the torch installed here (after a torch upgrade, "
+                                     "or a wheel built without torch)")
+    s.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    s.set_defaults(func=_build)
     from fastlm.bench import OPS
 
     s = sub.add_parser("bench", help="benchmark fastlm backends against torch eager and torch.compile")

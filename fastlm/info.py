@@ -82,8 +82,11 @@ def report() -> str:
     if err:
         lines.append(f"extension: not loaded: {err}")
     else:
+        path, info = backends.extension_info()
         cuda = "CUDA kernels" if backends.extension_has_cuda() else "no CUDA kernels"
-        lines.append(f"extension: fastlm._C loaded (CPU kernels, {cuda})")
+        why = f": {info['cuda_why']}" if info and info.get("cuda_why") else ""
+        built = f", built for torch {info['torch']}" if info else ""
+        lines.append(f"extension: {path} loaded (CPU kernels, {cuda}{why}{built})")
     lines.append(f"cpu: {cpu_model()}, {torch.get_num_threads()} threads, features: {' '.join(cpu_flags())}")
     if torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -93,3 +93,29 @@ def test_kernels_run_on_their_tensors_device(name):
     with torch.cuda.device(0):
         y = fastlm.ops.layer_norm(x, (256,), w, b, backend=name)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (256,), w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
+    """A library built for another torch is never loaded (it would crash or compute garbage): ops run
+    on the torch path, the first call warns once with the reason and the fix, and info says it."""
+    code = (
+        "import warnings, torch\n"
+        "from fastlm import _build\n"
+        "_build.read_info = lambda d: {'torch': '0.0.0'}\n"
+        "import fastlm\n"
+        "from fastlm import backends\n"
+        "err = backends.extension_error()\n"
+        "assert 'built for torch 0.0.0' in err and 'fastlm build' in err, err\n"
+        "x = torch.randn(3, 8)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = [fastlm.ops.layer_norm(x, (8,)) for _ in range(3)][-1]\n"
+        "torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)))\n"
+        "msgs = [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)]\n"
+        "assert len(msgs) == 1 and 'fastlm build' in msgs[0], msgs\n"
+        "from fastlm.info import report\n"
+        "assert 'built for torch 0.0.0' in report()\n"
+    )
+    env = {**os.environ, "FASTLM_CACHE": str(tmp_path), "FASTLM_BACKEND": ""}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr

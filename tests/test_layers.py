@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first; a module may import its own layer or those below (docs/design.md draws them).
 LAYERS = [
-    ("fastlm.backends", "fastlm.quant", "fastlm.reference", "fastlm.kernels"),
+    ("fastlm.backends", "fastlm._build", "fastlm.quant", "fastlm.reference", "fastlm.kernels"),
     ("fastlm.ops",),
     ("fastlm.nn",),
     ("fastlm.patch", "fastlm.model"),
