@@ -217,6 +217,54 @@ def test_bad_input_names_the_argument(call, err, words):
         call(x, w)
 
 
+@pytest.mark.parametrize("op", [ops.add_layer_norm, ops.add_rms_norm])
+def test_add_norm_refuses_a_missing_residual(backend, device, op):
+    """residual=None would skip the add (the cpu kernels took it as "no residual"); every backend
+    says so, naming residual, rather than returning (y, None) or failing inside torch."""
+    x = torch.randn(4, 32, device=device)
+    with pytest.raises(TypeError, match="residual"):
+        op(x, None, (32,), backend=backend)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, [1e-5], True])
+def test_eps_must_be_a_number(backend, device, eps):
+    x = torch.randn(4, 32, device=device)
+    with pytest.raises(TypeError, match="eps"):
+        ops.layer_norm(x, (32,), eps=eps, backend=backend)
+    if eps is not None:  # rms_norm's None means the dtype's epsilon
+        with pytest.raises(TypeError, match="eps"):
+            ops.add_rms_norm(x, x, (32,), eps=eps, backend=backend)
+
+
+def _norm_c_args():
+    x, w = torch.randn(4, 32), torch.randn(32)
+    return x, w
+
+
+@pytest.mark.parametrize("case, words", [
+    (lambda x, w: torch.ops.fastlm_C.norm_fwd(x, w[:8], None, None, 1e-5, False), "weight"),
+    (lambda x, w: torch.ops.fastlm_C.norm_fwd(x, None, w.double(), None, 1e-5, False), "bias"),
+    (lambda x, w: torch.ops.fastlm_C.norm_fwd(x, None, None, x[:2].contiguous(), 1e-5, True), "residual"),
+    (lambda x, w: torch.ops.fastlm_C.norm_fwd(x.int(), None, None, None, 1e-5, True), "x has dtype"),
+    (lambda x, w: torch.ops.fastlm_C.norm_bwd(x, x, w, torch.zeros(4), torch.zeros(2), None, False, False),
+     "rstd"),
+    (lambda x, w: torch.ops.fastlm_C.norm_bwd(x, x, w, torch.zeros(1), torch.zeros(4), None, False, False),
+     "mean"),
+    (lambda x, w: torch.ops.fastlm_C.norm_bwd(x, x, w, torch.zeros(4), torch.zeros(4), x[:1].contiguous(),
+                                              False, False), "dh"),
+    (lambda x, w: torch.ops.fastlm_C.norm_bwd(x[:2].contiguous(), x, w, torch.zeros(4), torch.zeros(4), None,
+                                              False, False), "dy"),
+])
+def test_raw_kernel_checks_its_arguments(case, words):
+    """torch.ops.fastlm_C.norm_* read every argument by x's shape: a short one is refused, by name,
+    instead of being read past its end (tests/test_bad_inputs.py runs the crash-prone rest in a
+    child process)."""
+    if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+        pytest.skip("the cpu backend is not built")
+    with pytest.raises(RuntimeError, match=words):
+        case(*_norm_c_args())
+
+
 def test_wrong_dtype_for_backend():
     if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
         pytest.skip("the cpu backend is not built")

@@ -238,7 +238,7 @@ T* data_or_null(at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
     double eps, bool rms) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "norm_fwd: x must be a contiguous 2-D tensor");
+  check_norm_fwd(x, weight, bias, residual, at::kCPU);
   const int64_t m = x.size(0), n = x.size(1);
   const bool has_res = present(residual);
   const bool f64 = x.scalar_type() == at::kDouble;
@@ -267,8 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, const OptTensor& dh, bool rms, bool has_bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && dy.sizes() == x.sizes() && dy.is_contiguous(),
-              "norm_bwd: dy and x must be contiguous 2-D tensors of one shape");
+  check_norm_bwd(dy, x, weight, mean, rstd, dh, rms, at::kCPU);
   const int64_t m = x.size(0), n = x.size(1);
   const bool has_w = present(weight);
   const bool f64 = x.scalar_type() == at::kDouble;

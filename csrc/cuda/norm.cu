@@ -543,39 +543,15 @@ const T* ptr_or_null(const OptTensor& t) {
   return present(t) ? t->data_ptr<T>() : nullptr;
 }
 
-// fastlm/ops/norm.py validates arguments; these checks turn a broken contract into an exception
-// rather than an illegal memory access.
-void check_input(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), "norm (cuda): ", name, " must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "norm (cuda): ", name,
-              " must be a contiguous 2-D tensor, got shape ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat,
-              "norm (cuda): the cuda backend supports float16, bfloat16 and float32; ", name,
-              " has dtype ", dt);
-  TORCH_CHECK(x.size(1) <= INT_MAX, "norm (cuda): rows longer than ", INT_MAX, " are not supported");
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, at::IntArrayRef sizes,
-                at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == x.device(), "norm (cuda): ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "norm (cuda): ", name, " has dtype ", t.scalar_type(),
-              ", expected ", dtype);
-  TORCH_CHECK(t.sizes() == sizes, "norm (cuda): ", name, " has shape ", t.sizes(), ", expected ", sizes);
-  TORCH_CHECK(t.is_contiguous(), "norm (cuda): ", name, " must be contiguous");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
     double eps, bool rms) {
-  check_input(x, "x");
+  // fastlm/ops/norm.py validates arguments; this turns a broken contract into an exception
+  // rather than an illegal memory access.
+  check_norm_fwd(x, weight, bias, residual, at::kCUDA);
   const int64_t M = x.size(0), N = x.size(1);
-  if (present(weight)) check_like(*weight, x, "weight", {N}, x.scalar_type());
-  if (present(bias)) check_like(*bias, x, "bias", {N}, x.scalar_type());
-  if (present(residual)) check_like(*residual, x, "residual", x.sizes(), x.scalar_type());
 
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_res = present(residual);
@@ -608,13 +584,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, const OptTensor& dh, bool rms, bool has_bias) {
-  check_input(x, "x");
+  check_norm_bwd(dy, x, weight, mean, rstd, dh, rms, at::kCUDA);
   const int64_t M = x.size(0), N = x.size(1);
-  check_like(dy, x, "dy", x.sizes(), x.scalar_type());
-  if (present(weight)) check_like(*weight, x, "weight", {N}, x.scalar_type());
-  if (present(dh)) check_like(*dh, x, "dh", x.sizes(), x.scalar_type());
-  if (!rms) check_like(mean, x, "mean", {M}, at::kFloat);
-  check_like(rstd, x, "rstd", {M}, at::kFloat);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_w = present(weight);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -19,6 +21,18 @@ def tensor(op: str, name: str, t, *, floating: bool = True) -> None:
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def real(op: str, name: str, v) -> None:
+    """`v` is a real number (int, float, a NumPy scalar; not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__} {v!r}")
+
+
+def integer(op: str, name: str, v) -> None:
+    """`v` is an integer (int, a NumPy integer; not a bool, and not a float such as 2.0)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__} {v!r}")
 
 
 def like(op: str, name: str, t, ref: torch.Tensor, ref_name: str, shape=None, same_dtype=True) -> None:

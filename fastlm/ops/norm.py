@@ -102,9 +102,15 @@ def _normalized_shape(op: str, normalized_shape) -> tuple[int, ...]:
     raise TypeError(f"{op}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
 
-def _check(op, input, shape, weight, bias, residual=None):
-    _checks.tensor(op, "input" if residual is None else "x", input)
-    name = "input" if residual is None else "x"
+def _check(op, input, shape, weight, bias, eps, residual=None, fused=False):
+    """fused: an add_ variant, whose residual is required (None would silently skip the add)."""
+    name = "x" if fused else "input"
+    _checks.tensor(op, name, input)
+    if fused and residual is None:
+        raise TypeError(f"{op}: residual must be a torch.Tensor, got None (use {op.removeprefix('add_')} "
+                        "for a norm without a residual add)")
+    if eps is not None or not op.endswith("rms_norm"):  # rms_norm's None: the dtype's epsilon
+        _checks.real(op, "eps", eps)
     if not shape or input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise ValueError(
             f"{op}: normalized_shape {list(shape)} must match the trailing dims of {name}, "
@@ -148,7 +154,7 @@ def layer_norm(
 ) -> Tensor:
     """torch.nn.functional.layer_norm, on the chosen backend."""
     shape = _normalized_shape("layer_norm", normalized_shape)
-    _check("layer_norm", input, shape, weight, bias)
+    _check("layer_norm", input, shape, weight, bias, eps)
     backend = _choose("layer_norm", input, shape, backend)
     if backend == "torch":
         return F.layer_norm(input, shape, _cast(weight, input), _cast(bias, input), eps)
@@ -165,7 +171,7 @@ def rms_norm(
 ) -> Tensor:
     """torch.nn.functional.rms_norm, on the chosen backend (eps=None means the dtype's epsilon)."""
     shape = _normalized_shape("rms_norm", normalized_shape)
-    _check("rms_norm", input, shape, weight, None)
+    _check("rms_norm", input, shape, weight, None, eps)
     backend = _choose("rms_norm", input, shape, backend)
     if backend == "torch":
         return F.rms_norm(input, shape, _cast(weight, input), eps)
@@ -178,7 +184,7 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """(layer_norm(x + residual), x + residual) in one pass."""
     shape = _normalized_shape("add_layer_norm", normalized_shape)
-    _check("add_layer_norm", x, shape, weight, bias, residual)
+    _check("add_layer_norm", x, shape, weight, bias, eps, residual, fused=True)
     backend = _choose("add_layer_norm", x, shape, backend)
     if backend == "torch":
         h = x + residual
@@ -192,7 +198,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass."""
     shape = _normalized_shape("add_rms_norm", normalized_shape)
-    _check("add_rms_norm", x, shape, weight, None, residual)
+    _check("add_rms_norm", x, shape, weight, None, eps, residual, fused=True)
     backend = _choose("add_rms_norm", x, shape, backend)
     if backend == "torch":
         h = x + residual
