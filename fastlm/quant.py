@@ -32,6 +32,12 @@ Either way every weight is within half a scale of its dequantized value: |W - de
 (up to float rounding). A group whose weights are all zero gets scale 1, so dequantizes to
 exact zeros.
 
+Non-finite weights are not an error but stay visible: a group holding a NaN or an infinity gets
+a NaN or infinite scale (its stored values are 0), so the whole group dequantizes to NaN, and
+every output a matmul computes from it is NaN, as it would be from the float weight (where an
+infinity alone could give +-inf, the quantized weight gives NaN). Quantizing never turns them
+into finite numbers.
+
 This module sits below fastlm.ops and imports nothing of fastlm: the ops and modules read the
 format from here, and `fastlm.quantize_`, which swaps modules, lives with fastlm.patch.
 """
@@ -135,8 +141,10 @@ def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bo
     if symmetric:
         qmin, qmax = (-127, 127) if bits == 8 else (-8, 7)
         s = w.abs().amax(-1, keepdim=True) / qmax
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.clamp(torch.round(w / s), qmin, qmax)
+        # `s == 0`, not `s > 0`: a NaN scale must stay NaN (see "Non-finite weights" above).
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        # NaN -> 0: casting NaN to an integer is undefined; the scale carries the NaN.
+        q = torch.clamp(torch.round(w / s), qmin, qmax).nan_to_num_(0.0)
         if bits == 8:
             return QuantizedWeight(q.reshape(n, k).to(torch.int8).contiguous(), s.reshape(n, 1).contiguous(),
                                    None, 8, k, (n, k))
@@ -146,13 +154,14 @@ def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bo
         lo = w.amin(-1, keepdim=True).clamp(max=0)
         hi = w.amax(-1, keepdim=True).clamp(min=0)
         s = (hi - lo) / 15
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = torch.where(s == 0, torch.ones_like(s), s)
         z = torch.clamp(torch.round(-lo / s), 0, 15)
-        q = torch.clamp(torch.round(w / s) + z, 0, 15)
+        q = torch.clamp(torch.round(w / s) + z, 0, 15).nan_to_num_(0.0)
     q = q.reshape(n, k).to(torch.uint8)
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    return QuantizedWeight(packed, s.reshape(n, -1).contiguous(),
-                           None if z is None else z.reshape(n, -1).contiguous(), 4, group_size, (n, k))
+    groups = k // group_size  # not -1: a weight of no rows has no size to infer
+    return QuantizedWeight(packed, s.reshape(n, groups).contiguous(),
+                           None if z is None else z.reshape(n, groups).contiguous(), 4, group_size, (n, k))
 
 
 def unpack(qw: QuantizedWeight) -> Tensor:

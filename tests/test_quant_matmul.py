@@ -315,3 +315,33 @@ def test_quantize_model_in_place():
     assert type(m2.up) is torch.nn.Linear and isinstance(m2.down, QuantLinear) and isinstance(m2.head, QuantLinear)
     with pytest.raises(ValueError, match="layer 'up'.*skip="):
         fastlm.quantize_(TinyLM(), bits=4, group_size=128)
+
+
+@pytest.mark.parametrize("bits, sym", [(8, True), (4, True), (4, False)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_give_nan_outputs(backend, device, bits, sym, bad):
+    """A NaN (or inf) weight must not quantize to finite numbers (a NaN scale used to become 1):
+    the outputs computed from its group are NaN, the others exact as usual."""
+    w = torch.randn(6, 64)
+    w[2, 5] = bad
+    qw = quant.quantize(w, bits, 32, sym)
+    assert not bool(quant.dequantize(qw)[2, :32].isfinite().any())
+    assert bool(quant.dequantize(qw)[[0, 1, 3, 4, 5]].isfinite().all())
+    x = torch.randn(3, 64, device=device)
+    y = ops.quant_linear(x, qw.to(device), backend=backend).cpu()
+    assert bool(y[:, 2].isnan().all()) and bool(y[:, [0, 1, 3, 4, 5]].isfinite().all())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_a_weight_of_no_rows(backend, device, bits):
+    """nn.Linear(64, 0) exists; its weight quantizes (int4 used to fail reshaping) and multiplies
+    to an empty output like torch's."""
+    qw = quant.quantize(torch.randn(0, 64), bits, 32)
+    assert qw.scales.shape == (0, 64 // qw.group_size)
+    y = ops.quant_linear(torch.randn(3, 64, device=device), qw.to(device), backend=backend)
+    assert y.shape == (3, 0)
+
+
+def test_quantize_without_columns_names_weight():
+    with pytest.raises(ValueError, match="weight has no columns"):
+        quant.quantize(torch.randn(4, 0), bits=8)
