@@ -66,6 +66,15 @@ class TransformerConfig:
         return cls(**{**cls.PRESETS[name], **overrides})
 
     def __post_init__(self):
+        # Sizes first: every later check divides by them.
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "mlp_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"TransformerConfig: {name} must be an int, got {type(v).__name__} {v!r}")
+            if v <= 0:
+                raise ValueError(f"TransformerConfig: {name} must be positive, got {v}")
+        if self.n_kv_head is not None and (isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int)):
+            raise TypeError(f"TransformerConfig: n_kv_head must be an int or None, got {self.n_kv_head!r}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"TransformerConfig: norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if self.pos not in ("learned", "rope"):
@@ -78,9 +87,6 @@ class TransformerConfig:
         if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ValueError(f"TransformerConfig: unknown backend {self.backend!r}; choose one of "
                              f"{', '.join(ops.BACKENDS)} or None")
-        for name in ("vocab_size", "block_size", "n_layer", "d_model", "mlp_ratio"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TransformerConfig: {name} must be positive, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,14 +222,7 @@ class Transformer(nn.Module):
         produced eos_id. Returns (B, T + new)."""
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"generate: ids must be (B, T) with T >= 1, got {tuple(ids.shape)}")
-        if max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"generate: top_k must be positive, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
         total = ids.shape[1] + max_new_tokens
         if total > self.config.block_size:
             raise ValueError(f"generate: prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -250,6 +249,31 @@ class Transformer(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    for name, v, ok in (("max_new_tokens", max_new_tokens, _is_int), ("temperature", temperature, _is_real),
+                        ("top_k", top_k, _is_int), ("top_p", top_p, _is_real)):
+        if not ok(v) and not (v is None and name.startswith("top")):
+            raise TypeError(f"generate: {name} must be {'an int' if ok is _is_int else 'a number'}, "
+                            f"got {type(v).__name__} {v!r}")
+    # NaN fails every comparison, so each range is tested as `not (in range)`.
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"generate: top_k must be positive, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -175,3 +175,41 @@ def test_attention_module_and_cache_checks():
         attn(torch.randn(2, 2, 64), cache)
     with pytest.raises(ValueError, match="n_kv_head"):
         CausalSelfAttention(64, 8, 3)
+
+
+@pytest.mark.parametrize("field, value, err", [
+    ("n_head", 0, ValueError), ("n_head", -2, ValueError), ("d_model", 0, ValueError),
+    ("n_head", 2.0, TypeError), ("vocab_size", "256", TypeError), ("n_layer", True, TypeError),
+    ("n_kv_head", 0, ValueError), ("n_kv_head", 1.5, TypeError),
+])
+def test_config_sizes_are_checked_before_use(field, value, err):
+    """n_head 0 used to escape as ZeroDivisionError from d_model % n_head."""
+    with pytest.raises(err, match=field):
+        tiny(**{field: value})
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_empty_time_dimension_works_like_torch(backend, device, variant):
+    """ids (B, 0): every layer sees empty tensors, and the logits come back (B, 0, V), as torch's
+    modules give; the position embedding used to fail reshaping (-1, 0)."""
+    model = Transformer(tiny(**VARIANTS[variant])).to(device)
+    ids = torch.zeros(2, 0, dtype=torch.long, device=device)
+    logits, _ = model(ids, backend=backend)
+    assert logits.shape == (2, 0, 256)
+    ref, _ = model(ids, backend="torch")
+    assert ref.shape == logits.shape
+
+
+@pytest.mark.parametrize("kwargs, name, err", [
+    (dict(max_new_tokens=2.5), "max_new_tokens", TypeError),
+    (dict(max_new_tokens=-1), "max_new_tokens", ValueError),
+    (dict(max_new_tokens=2, temperature=float("nan")), "temperature", ValueError),
+    (dict(max_new_tokens=2, temperature=float("inf")), "temperature", ValueError),
+    (dict(max_new_tokens=2, temperature="hot"), "temperature", TypeError),
+    (dict(max_new_tokens=2, top_k=2.0), "top_k", TypeError),
+    (dict(max_new_tokens=2, top_p=float("nan")), "top_p", ValueError),
+])
+def test_generate_names_bad_sampling_arguments(kwargs, name, err):
+    model = Transformer(tiny())
+    with pytest.raises(err, match=name):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), **kwargs)

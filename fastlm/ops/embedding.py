@@ -171,7 +171,8 @@ def token_position_embedding(
             f"{position_weight.shape[0]} rows"
         )
     backend = backends.choose(op, ids.device, backend)
-    if backend == "torch":
+    # No ids (an empty batch or time dim): nothing to look up, and torch gives the empty shape.
+    if backend == "torch" or ids.numel() == 0:
         _check_range(op, ids, token_weight.shape[0])
         return F.embedding(ids, token_weight) + position_weight[start_pos:start_pos + t]
     _checks.backend_dtype(op, backend, token_weight)
