@@ -131,3 +131,14 @@ def test_bad_input_raises(backend, device):
         ops.linear_cross_entropy(h, w, torch.full_like(t, 10), backend=backend)
     with pytest.raises(ValueError, match="chunk_size"):
         ops.linear_cross_entropy(h, w, t, chunk_size=0, backend=backend)
+
+
+@pytest.mark.parametrize("kw, err", [
+    (dict(chunk_size=2.5), TypeError), (dict(chunk_size="4"), TypeError), (dict(chunk_size=True), TypeError),
+    (dict(chunk_size=-3), ValueError), (dict(ignore_index=1.5), TypeError),
+])
+def test_bad_scalars_are_named(backend, device, kw, err):
+    """A float chunk_size used to fail inside slicing, without naming it."""
+    h, w, t = _inputs(5, 8, 10, device)
+    with pytest.raises(err, match=next(iter(kw))):
+        ops.linear_cross_entropy(h, w, t, **kw, backend=backend)

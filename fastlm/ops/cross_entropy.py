@@ -104,6 +104,7 @@ def _check(op: str, input, weight, target, ignore_index: int) -> None:
     _checks.tensor(op, "weight", weight)
     if not isinstance(target, Tensor):
         raise TypeError(f"{op}: target must be a torch.Tensor, got {type(target).__name__}")
+    _checks.integer(op, "ignore_index", ignore_index)
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight must be 2-D (vocab, dim), got shape {tuple(weight.shape)}")
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
@@ -132,8 +133,11 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, ignore_i
     on a CPU, a few hundred MiB on a GPU)."""
     op = "linear_cross_entropy"
     _check(op, input, weight, target, ignore_index)
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
+    if chunk_size is not None:
+        _checks.integer(op, "chunk_size", chunk_size)
+        if chunk_size <= 0:
+            raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
+        chunk_size = int(chunk_size)
     backend = backends.choose(op, input.device, backend)
     h, t = input.reshape(-1, input.shape[-1]), target.reshape(-1)
     if backend == "torch":
