@@ -32,20 +32,28 @@ SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 CUBIC = tl.constexpr(0.044715)
 RSQRT_2 = tl.constexpr(0.7071067811865476)
 RSQRT_2PI = tl.constexpr(0.3989422804014327)
+TANH_CLAMP = tl.constexpr(9.5)
 
 
 @triton.jit
 def _gelu_and_grad(v, TANH: tl.constexpr, GRAD: tl.constexpr):
     """gelu(v) or, with GRAD, gelu'(v), in float32."""
     if TANH:
-        # e = exp(-2u), clamped so that e * s * s below never meets inf * 0.
-        a = -2.0 * SQRT_2_OVER_PI * v * (1.0 + CUBIC * v * v)
-        e = tl.exp(tl.minimum(a, 80.0))
-        s = 1.0 / (1.0 + e)
         if GRAD:
-            out = s + v * (2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * v * v)) * (e * s * s)
+            # e * s * s would meet inf * 0 for e = inf: the derivative runs on v clamped to where
+            # it is 0 or 1 to float precision (|2u(9.5)| = 76.3), plus (v - v), which is NaN for
+            # +-inf and NaN, as torch's gelu' is there, and 0 otherwise.
+            c = tl.where(v < -TANH_CLAMP, -TANH_CLAMP, tl.where(v > TANH_CLAMP, TANH_CLAMP, v))
+            a = -2.0 * SQRT_2_OVER_PI * c * (1.0 + CUBIC * c * c)
+            e = tl.exp(a)
+            s = 1.0 / (1.0 + e)
+            out = s + c * (2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * c * c)) * (e * s * s) + (v - v)
         else:
-            out = v * s
+            # e = exp(-2u) unclamped: it overflows to inf for v below about -10, so v / (1 + e) is
+            # -0 there (a finite cap on e leaves v / e finite and wrong for huge |v|), NaN at -inf.
+            a = -2.0 * SQRT_2_OVER_PI * v * (1.0 + CUBIC * v * v)
+            e = tl.exp(a)
+            out = v / (1.0 + e)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(v * RSQRT_2))
         if GRAD:

@@ -304,3 +304,45 @@ def test_linear_gelu(backend, device, quantized):
     dxd, dbd = torch.autograd.grad(yd, (xd, bd), dy.cpu().double())
     for got, want in ((y, yd), (dx, dxd), (db, dbd)):
         assert ref.error(got.detach().cpu(), want.detach()) <= 1e-5
+
+
+EXTREMES = [float("-inf"), -3e38, -1e30, -1e20, -1e6, -20.0, -10.5, -9.5, -5.0, 0.0, 5.0, 9.5, 1e6, 1e30, 3e38,
+            float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_extremes_saturate_like_torch(backend, device, approximate):
+    """Huge inputs give torch's -0 / v / NaN, not the finite garbage a capped exponent gives
+    (v / (1 + e^80) is -5414.55 at -3e38)."""
+    if backend == "torch":
+        pytest.skip("the torch path is the yardstick here")
+    x = torch.tensor(EXTREMES, device=device)
+    got = ops.bias_gelu(x, approximate=approximate, backend=backend).cpu()
+    want = torch.nn.functional.gelu(torch.tensor(EXTREMES, dtype=torch.float64), approximate=approximate)
+    want32 = torch.nn.functional.gelu(torch.tensor(EXTREMES), approximate=approximate)
+    # Where torch's float32 erf GELU itself overflows (3e38 -> inf, inf -> NaN), either answer is
+    # torch's; everywhere else float64's is the truth.
+    own = want32.isfinite() != want.isfinite()
+    got, want, want32 = got[~own], want[~own], want32[~own]
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-7)
+    # The same signs of zero as torch's float32 answer where it is exact (not its inf at 3e38).
+    both = finite & want32.isfinite()
+    assert torch.equal(torch.signbit(got[both]), torch.signbit(want32[both]))
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_extreme_gradients_are_limits_or_nan(backend, device, approximate):
+    """gelu' at finite extremes is its limit (0 below, 1 above) as in float64; at +-inf and NaN
+    it is NaN, as torch's is (the backward must not meet inf * 0 nor return +-inf)."""
+    if backend == "torch":
+        pytest.skip("the torch path is the yardstick here")
+    x = torch.tensor(EXTREMES, device=device, requires_grad=True)
+    (dx,) = torch.autograd.grad(ops.bias_gelu(x, approximate=approximate, backend=backend).sum(), x)
+    xd = torch.tensor(EXTREMES, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(ref.bias_gelu(xd, None, approximate).sum(), xd)
+    dx = dx.cpu().double()
+    inf_or_nan = ~torch.tensor(EXTREMES).isfinite()
+    assert dx[inf_or_nan].isnan().all()
+    torch.testing.assert_close(dx[~inf_or_nan], want[~inf_or_nan], rtol=1e-5, atol=1e-6)

@@ -10,6 +10,13 @@
 // so the backward pays for one exponential too. Taking Phi from erfc instead of 1 + erf keeps the
 // left tail relatively accurate rather than absolutely.
 //
+// Extremes saturate as the exact functions do. exp_ps overflows to inf and underflows to 0 like
+// expf, so the tanh forward's v / (1 + e) is -0 for every v below about -10 (an e capped at a
+// finite value would leave v / e finite and wrong for |v| near float's range) and NaN at -inf, as
+// torch's. The tanh backward cannot take e = inf (e * s^2 would be inf * 0): it runs on v clamped
+// to +-kTanhClamp, where gelu' is already 0 or 1 to float precision, plus (v - v), which is 0 for
+// finite v and NaN for +-inf and NaN, as torch's gelu' is there.
+//
 // A row's tail (N not a multiple of 8) goes through the same vector code from a padded buffer, so
 // an element's result does not depend on where it sits. float64 takes plain loops over std::tanh
 // and std::erfc (it exists for gradcheck). dbias is summed as norm.cpp sums dweight: each part
@@ -35,11 +42,12 @@ constexpr float kCubic = 0.044715f;
 constexpr float kRsqrt2 = 0.7071067811865476f;
 constexpr float kRsqrt2Pi = 0.3989422804014327f;
 
-// e^x, accurate to about one ulp for x in [-80, 80] (clamped there: e^80 squared still fits
-// a float's range in the backward's e * s^2, so no lane reaches inf * 0). Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2 / 2, then a degree-7 polynomial for e^r (Cephes' expf coefficients).
+// e^x, accurate to about one ulp for x in [-87, 88]; below about -87.7 exactly 0 and above about
+// 88.4 inf, like expf at its limits. Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, then a
+// degree-7 polynomial for e^r (Cephes' expf coefficients). The clamp keeps n in [-127, 128], whose
+// biased exponents 0 and 255 are the bit patterns of 0 and inf: the limits cost no extra step.
 inline __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.f)), _mm256_set1_ps(80.f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.f)), _mm256_set1_ps(88.7f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -92,15 +100,20 @@ inline __m256 gelu_ps(__m256 v) {
   }
 }
 
+// |2u(9.5)| = 76.3: e stays finite, and beyond it gelu' differs from 0 or 1 by under 1e-30.
+constexpr float kTanhClamp = 9.5f;
+
 template <bool TANH>
 inline __m256 gelu_grad_ps(__m256 v) {
-  const __m256 v2 = _mm256_mul_ps(v, v);
   if constexpr (TANH) {
-    const __m256 e = exp_ps(minus_2u(v, v2));
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-kTanhClamp)), _mm256_set1_ps(kTanhClamp));
+    const __m256 c2 = _mm256_mul_ps(c, c);
+    const __m256 e = exp_ps(minus_2u(c, c2));
     const __m256 s = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
     const __m256 es2 = _mm256_mul_ps(_mm256_mul_ps(e, s), s);
-    return _mm256_fmadd_ps(_mm256_mul_ps(v, du2(v2)), es2, s);
+    return _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(c, du2(c2)), es2, s), _mm256_sub_ps(v, v));
   } else {
+    const __m256 v2 = _mm256_mul_ps(v, v);
     const __m256 g = exp_ps(_mm256_mul_ps(v2, _mm256_set1_ps(-0.5f)));
     return _mm256_fmadd_ps(_mm256_mul_ps(v, g), _mm256_set1_ps(kRsqrt2Pi), phi_cdf(v, g));
   }
@@ -244,21 +257,11 @@ const T* ptr_or_null(const OptTensor& t) {
   return present(t) ? t->data_ptr<T>() : nullptr;
 }
 
-// fastlm/ops/activation.py validates arguments; these keep direct callers in bounds.
-void check_args(const char* op, const at::Tensor& x, const OptTensor& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous 2-D tensor, got shape ", x.sizes());
-  if (present(bias)) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1) && bias->is_contiguous(), op,
-                ": bias must be a contiguous tensor of shape (", x.size(1), "), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
-                ": bias must have x's dtype and device");
-  }
-}
-
 }  // namespace
 
 at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const OptTensor& bias, bool tanh) {
-  check_args("bias_gelu_fwd", x, bias);
+  // fastlm/ops/activation.py validates arguments; this keeps direct callers in bounds.
+  check_bias_gelu("bias_gelu_fwd", x, bias, nullptr, at::kCPU);
   const int64_t m = x.size(0), n = x.size(1);
   auto y = at::empty_like(x);
   if (m == 0 || n == 0) return y;
@@ -279,9 +282,7 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const OptTensor& bias, bool ta
 
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const OptTensor& bias,
                                                      bool tanh, bool need_dbias) {
-  check_args("bias_gelu_bwd", x, bias);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
-              "bias_gelu_bwd: dy must be contiguous, with x's shape and dtype");
+  check_bias_gelu("bias_gelu_bwd", x, bias, &dy, at::kCPU);
   const int64_t m = x.size(0), n = x.size(1);
   const bool f64 = x.scalar_type() == at::kDouble;
   auto dx = at::empty_like(x);

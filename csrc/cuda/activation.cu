@@ -9,7 +9,8 @@
 // in shared memory, in a fixed order, and writes one float32 partial row; a second kernel sums
 // the partial rows column by column. Deterministic, no atomics.
 // The math follows csrc/cpu/activation.cpp: tanh GELU as v * s, s = 1 / (1 + exp(-2u)), so that
-// gelu' = s + v * 2u' * e * s^2 from one exponential; exact GELU as v * Phi(v) from erfcf.
+// gelu' = s + v * 2u' * e * s^2 from one exponential; exact GELU as v * Phi(v) from erfcf. Extremes
+// saturate as there: -0 for every v below about -10, NaN at -inf.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -36,10 +37,16 @@ constexpr float kCubic = 0.044715f;
 constexpr float kRsqrt2 = 0.7071067811865476f;
 constexpr float kRsqrt2Pi = 0.3989422804014327f;
 
+// |2u(9.5)| = 76.3: the tanh GELU's derivative runs on v clamped to +-9.5, where it is already 0
+// or 1 to float precision, so that e stays finite and e * s * s never meets inf * 0.
+constexpr float kTanhClamp = 9.5f;
+
 template <bool TANH>
 __device__ __forceinline__ float gelu(float v) {
   if constexpr (TANH) {
-    const float e = __expf(fminf(-2.f * kSqrt2OverPi * v * (1.f + kCubic * v * v), 80.f));
+    // e unclamped: it overflows to inf below v of about -10, so v / (1 + e) is -0 there (a finite
+    // cap on e leaves v / e finite and wrong for huge |v|) and NaN at -inf, as torch's.
+    const float e = __expf(-2.f * kSqrt2OverPi * v * (1.f + kCubic * v * v));
     return v / (1.f + e);
   } else {
     // erfc keeps the left tail relatively accurate, where 1 + erf would cancel.
@@ -50,10 +57,11 @@ __device__ __forceinline__ float gelu(float v) {
 template <bool TANH>
 __device__ __forceinline__ float gelu_grad(float v) {
   if constexpr (TANH) {
-    // Clamped so that e * s * s never meets inf * 0.
-    const float e = __expf(fminf(-2.f * kSqrt2OverPi * v * (1.f + kCubic * v * v), 80.f));
+    // (v - v): NaN for +-inf and NaN, as torch's gelu' is there; 0 otherwise.
+    const float c = fminf(fmaxf(v, -kTanhClamp), kTanhClamp);
+    const float e = __expf(-2.f * kSqrt2OverPi * c * (1.f + kCubic * c * c));
     const float s = 1.f / (1.f + e);
-    return s + v * (2.f * kSqrt2OverPi * (1.f + 3.f * kCubic * v * v)) * (e * s * s);
+    return s + c * (2.f * kSqrt2OverPi * (1.f + 3.f * kCubic * c * c)) * (e * s * s) + (v - v);
   } else {
     return 0.5f * erfcf(-v * kRsqrt2) + v * __expf(-0.5f * v * v) * kRsqrt2Pi;
   }
@@ -150,24 +158,6 @@ int sm_count(const at::Tensor& x) {
   return sms;
 }
 
-// fastlm/ops/activation.py validates arguments; these checks turn a broken contract into an
-// exception rather than an illegal memory access.
-void check_args(const char* op, const at::Tensor& x, const OptTensor& bias) {
-  TORCH_CHECK(x.is_cuda(), op, " (cuda): x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, " (cuda): x must be a contiguous 2-D tensor, got shape ",
-              x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op,
-              " (cuda): the cuda backend supports float16, bfloat16 and float32; x has dtype ", dt);
-  if (present(bias)) {
-    TORCH_CHECK(bias->device() == x.device(), op, " (cuda): bias is on ", bias->device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(bias->scalar_type() == dt, op, " (cuda): bias has dtype ", bias->scalar_type(), ", expected ", dt);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1) && bias->is_contiguous(), op,
-                " (cuda): bias must be a contiguous tensor of shape (", x.size(1), "), got ", bias->sizes());
-  }
-}
-
 template <typename T, int VEC>
 void run_fwd(const T* x, const T* b, T* y, int64_t m, int64_t n, bool tanh, int sms, cudaStream_t stream) {
   const int64_t packs = m * n / VEC;
@@ -215,7 +205,9 @@ void run_bwd(const T* dy, const T* x, const T* b, T* dx, float* db, int64_t m, i
 }  // namespace
 
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const OptTensor& bias, bool tanh) {
-  check_args("bias_gelu_fwd", x, bias);
+  // fastlm/ops/activation.py validates arguments; this turns a broken contract into an
+  // exception rather than an illegal memory access.
+  check_bias_gelu("bias_gelu_fwd", x, bias, nullptr, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), n = x.size(1);
   auto y = at::empty_like(x);
@@ -239,10 +231,7 @@ at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const OptTensor& bias, bool t
 
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                       const OptTensor& bias, bool tanh, bool need_dbias) {
-  check_args("bias_gelu_bwd", x, bias);
-  TORCH_CHECK(dy.device() == x.device() && dy.scalar_type() == x.scalar_type() && dy.sizes() == x.sizes() &&
-                  dy.is_contiguous(),
-              "bias_gelu_bwd (cuda): dy must be contiguous, with x's shape, dtype and device");
+  check_bias_gelu("bias_gelu_bwd", x, bias, &dy, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), n = x.size(1);
   auto dx = at::empty_like(x);
