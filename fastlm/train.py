@@ -21,21 +21,28 @@ FSDP, so any of them resumes from it:
                      optimizer.safetensors, optimizer.json    AdamW's tensors; its scalars
                      trainer.json                             step, RNG states, sampler, config
                      tokenizer.json                           copied from the data directory
+                     checksums.json                           sha256 of each file above
     <out>/metrics.jsonl, <out>/curves.png
 
-Nothing is loaded with pickle.
+Nothing is loaded with pickle. Every file a load reads is checked against checksums.json first,
+so a corrupt byte (a config edit that changes no tensor's shape, a dtype flipped in a header)
+raises CheckpointError naming the file instead of loading a different model; the weights' dtypes
+are also checked against the model's. A checkpoint written before checksums existed (no
+checksums.json) still loads, with a warning that it cannot be verified.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -234,6 +241,52 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                               f"truncated ({e})") from None
 
 
+CHECKSUMS = "checksums.json"
+# What resuming reads (tokenizer.json is only copied along).
+RESUME_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checksums(ckpt: Path) -> None:
+    sums = {f.name: _sha256(f) for f in sorted(ckpt.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    (ckpt / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1) + "\n")
+
+
+def verify_checkpoint(ckpt: Path, names: list[str]) -> None:
+    """Check the files `names` of ckpt against its checksums.json: CheckpointError naming the
+    first that differs or is missing; a warning, and no check, for a checkpoint without one."""
+    sums_path = ckpt / CHECKSUMS
+    if not sums_path.exists():
+        warnings.warn(f"{ckpt}: no {CHECKSUMS} (a checkpoint from an older fastlm); its files cannot be "
+                      "verified and are loaded as they are", stacklevel=3)
+        return
+    sums = _read_json(sums_path).get("sha256")
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{sums_path}: not a checksum file of this fastlm (no 'sha256' table)")
+    bad = []
+    for name in names:
+        path = ckpt / name
+        if name not in sums:
+            raise CheckpointError(f"{path}: not listed in {CHECKSUMS}, so it cannot be verified")
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        if _sha256(path) != sums[name]:
+            bad.append(name)
+    if bad:
+        # Which files are intact tells a reader what can still be trusted (the weights, say).
+        good = [n for n in names if n not in bad]
+        raise CheckpointError(
+            f"{ckpt / bad[0]}: its sha256 differs from the one in {CHECKSUMS}: the file is corrupt or was edited "
+            f"after the checkpoint was written (differing: {', '.join(bad)}; intact: {', '.join(good) or 'none'})")
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, given it or a run directory holding `latest`."""
     p = Path(path)
@@ -301,6 +354,7 @@ def save_checkpoint(out: Path, step: int, model_state: dict, model_config: Trans
     (tmp / "trainer.json").write_text(json.dumps(trainer) + "\n")
     if tokenizer is not None and tokenizer.exists():
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    _write_checksums(tmp)
     final = out / name
     if final.exists():  # left by a run that crashed before updating `latest`
         shutil.rmtree(final)
@@ -323,6 +377,12 @@ def _load_weights(model: Transformer, ckpt: Path) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state = _read_tensors(ckpt / "model.safetensors")
+    # set_model_state_dict copies into the parameters, converting any dtype (integers included).
+    for name, want in model.state_dict().items():
+        got = state.get(name)
+        if got is not None and got.dtype != want.dtype:
+            raise CheckpointError(f"{ckpt / 'model.safetensors'}: tensor {name!r} is {got.dtype}, "
+                                  f"but the model's is {want.dtype}")
     with _reading(ckpt / "model.safetensors", "does not match config.json", RuntimeError, KeyError, ValueError):
         set_model_state_dict(model, state, options=_state_options())
 
@@ -348,6 +408,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", back
     """The model of a checkpoint (or of a run directory's latest one), in eval mode; and the
     checkpoint directory."""
     ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt, ["config.json", "model.safetensors"])
     model = Transformer(_load_config(ckpt, backend))
     _load_weights(model, ckpt)
     return model.to(device).eval(), ckpt
@@ -481,7 +542,9 @@ def _restore(r: _Run, ckpt: Path, saved: dict) -> None:
     """Weights, optimizer state, step, RNG states and sampler position of a checkpoint."""
     _load_weights(r.model, ckpt)
     _load_optimizer(r.model, r.opt, ckpt)
-    with _reading(ckpt / "trainer.json", "not a trainer state of this fastlm", KeyError, TypeError, ValueError):
+    # A truncated or edited RNG state makes torch raise RuntimeError, NumPy and random ValueError.
+    with _reading(ckpt / "trainer.json", "not a trainer state of this fastlm", KeyError, TypeError, ValueError,
+                  IndexError, RuntimeError):
         r.step = saved["step"]
         rngs = saved["rng"]
         set_rng_state(rngs[r.rank] if r.rank < len(rngs) else rngs[0])
@@ -615,6 +678,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     out = Path(cfg.out)
     ckpt = resolve_checkpoint(out) if resume and (out / "latest").exists() else None
     if ckpt is not None:
+        verify_checkpoint(ckpt, list(RESUME_FILES))
         saved = _read_json(ckpt / "trainer.json")
         cfg = _resumed_config(cfg, saved, ckpt)
     cfg = cfg.resolved()

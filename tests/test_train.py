@@ -247,3 +247,97 @@ def test_cli_bad_arguments_are_clear(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train-lm", "--steps", "0"])
     assert "positive" in capsys.readouterr().err
+
+
+# --- checksums, dtypes and configs of checkpoints ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("saved") / "run"
+    ftrain.train(_config(corpus, out, steps=3))
+    return out
+
+
+def _copy_run(saved_run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    return out, out / (out / "latest").read_text().strip()
+
+
+def test_checkpoint_carries_checksums_of_its_files(saved_run):
+    ckpt = ftrain.resolve_checkpoint(saved_run)
+    sums = json.loads((ckpt / "checksums.json").read_text())["sha256"]
+    assert set(ftrain.RESUME_FILES) <= set(sums)
+    import hashlib
+
+    assert sums["config.json"] == hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest()
+
+
+def test_one_byte_config_edit_is_caught(saved_run, tmp_path):
+    """n_head 4 -> 2 changes no tensor's shape: without a checksum it loads a different model."""
+    out, ckpt = _copy_run(saved_run, tmp_path)
+    text = (ckpt / "config.json").read_text()
+    assert '"n_head": 4' in text
+    (ckpt / "config.json").write_text(text.replace('"n_head": 4', '"n_head": 2'))
+    with pytest.raises(ftrain.CheckpointError, match="config.json.*sha256"):
+        ftrain.load_model(out)
+
+
+def test_one_byte_dtype_edit_in_the_header_is_caught(saved_run, tmp_path):
+    """F32 -> I32 in the safetensors header: the checksum catches it; without checksums.json
+    (an older checkpoint), the dtype check against the model does."""
+    out, ckpt = _copy_run(saved_run, tmp_path)
+    raw = bytearray((ckpt / "model.safetensors").read_bytes())
+    at = raw.index(b'"F32"')
+    raw[at + 1] = ord("I")
+    (ckpt / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ftrain.CheckpointError, match="model.safetensors.*sha256"):
+        ftrain.load_model(out)
+    (ckpt / "checksums.json").unlink()
+    with pytest.warns(UserWarning, match="checksums.json"), \
+            pytest.raises(ftrain.CheckpointError, match="model.safetensors.*int32"):
+        ftrain.load_model(out)
+
+
+def test_checkpoint_without_checksums_loads_with_a_warning(saved_run, tmp_path):
+    out, ckpt = _copy_run(saved_run, tmp_path)
+    (ckpt / "checksums.json").unlink()
+    with pytest.warns(UserWarning, match="cannot be verified"):
+        model, _ = ftrain.load_model(out)
+    ref, _ = ftrain.load_model(saved_run)
+    ids = torch.randint(0, 300, (1, 8))
+    torch.testing.assert_close(model(ids)[0], ref(ids)[0], rtol=0, atol=0)
+
+
+def test_bad_checksum_file_is_named(saved_run, tmp_path):
+    out, ckpt = _copy_run(saved_run, tmp_path)
+    (ckpt / "checksums.json").write_text('{"sha256": [1, 2]}')
+    with pytest.raises(ftrain.CheckpointError, match="checksums.json"):
+        ftrain.load_model(out)
+    (ckpt / "checksums.json").write_text('{"sha')
+    with pytest.raises(ftrain.CheckpointError, match="checksums.json"):
+        ftrain.load_model(out)
+
+
+def test_zero_heads_in_config_is_a_checkpoint_error(saved_run, tmp_path):
+    """n_head 0 escaped load_model as ZeroDivisionError."""
+    out, ckpt = _copy_run(saved_run, tmp_path)
+    (ckpt / "checksums.json").unlink()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "n_head": 0}))
+    with pytest.warns(UserWarning), pytest.raises(ftrain.CheckpointError, match="config.json.*n_head"):
+        ftrain.load_model(out)
+
+
+def test_truncated_rng_state_is_a_checkpoint_error(corpus, saved_run, tmp_path):
+    """A cut torch RNG state in trainer.json escaped `train-lm --resume` as a raw RuntimeError."""
+    out, ckpt = _copy_run(saved_run, tmp_path)
+    (ckpt / "checksums.json").unlink()
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    trainer["rng"][0]["torch"] = trainer["rng"][0]["torch"][:40]
+    (ckpt / "trainer.json").write_text(json.dumps(trainer))
+    with pytest.warns(UserWarning), pytest.raises(ftrain.CheckpointError, match="trainer.json"):
+        ftrain.train(_config(corpus, out, steps=4), resume=True)
