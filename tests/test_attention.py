@@ -359,3 +359,128 @@ def test_extra_memory_is_linear_in_length(backend, device):
     grown = int(subprocess.check_output([sys.executable, "-c", script], text=True).split()[-1])
     # Inputs' gradients and the output are 4 x 1 MiB; one T x T float32 matrix would be 256 MiB.
     assert grown < 32 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+
+
+# --- head-dim tiles in half precision -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [16, 32, 80, 128, 256])  # every tile of the GPU kernels (64: test_dtypes)
+def test_half_precision_head_dim_tiles(backend, device, d):
+    q, k, v = make(1, 2, 2, 33 if INTERPRET else 77, 33 if INTERPRET else 77, d, torch.float16, device)
+    run_and_compare(q, k, v, None, True, backend, torch.float16)
+
+
+# --- on a GPU only: too slow for the interpreter ---------------------------------------------------
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+def _gpu_backend(name):
+    from fastlm import backends
+
+    why = backends.why_unavailable(name, "cuda")
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("t", [1, 77, 200, 1024])
+@pytest.mark.parametrize("d", [16, 64, 80, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_sweep(gpu_backend, dtype, d, t, causal):
+    _gpu_backend(gpu_backend)
+    q, k, v = make(1, 2, 2, t, t, d, dtype, "cuda")
+    run_and_compare(q, k, v, None, causal, gpu_backend, dtype)
+
+
+@pytest.mark.parametrize("t", [77, 1024])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_grouped_query_with_key_padding(gpu_backend, dtype, d, t):
+    _gpu_backend(gpu_backend)
+    q, k, v = make(2, 4, 2, t, t, d, dtype, "cuda")
+    mask = _masks(2, 4, t, t, "cuda")["key_padding"]
+    run_and_compare(q, k, v, mask, False, gpu_backend, dtype)
+
+
+def _decode_step(backend, ids, start, w):
+    """One token of a small decoder layer: token + position embedding, a norm, a quantized
+    projection to q, attention against the KV cache (host-known lengths), a final norm."""
+    b, c = ids.shape[0], w["tok"].shape[1]
+    h = ops.token_position_embedding(ids, w["tok"], w["pos"], start, backend=backend)
+    h = h + ops.embedding(ids, w["tok"], backend=backend)
+    x = ops.rms_norm(h, (c,), w["norm"], backend=backend)
+    q = ops.quant_linear(x, w["wq"], backend=backend).view(b, 1, w["hq"], -1).transpose(1, 2).contiguous()
+    o = ops.decode_attention(q, w["k"], w["v"], w["lens"], backend=backend, seqlen_range=(start + 1, start + 1))
+    return ops.layer_norm(o.transpose(1, 2).reshape(b, 1, c), (c,), w["norm"], w["norm"], backend=backend)
+
+
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_step_never_waits_and_graph_captures(gpu_backend):
+    _gpu_backend(gpu_backend)
+    from fastlm.quant import quantize
+
+    b, hq, hk, d, tmax, start, dt = 2, 4, 2, 64, 96, 40, torch.bfloat16
+    c = hq * d
+    dev = "cuda"
+    w = {"tok": torch.randn(100, c, device=dev, dtype=dt), "pos": torch.randn(tmax, c, device=dev, dtype=dt),
+         "norm": torch.randn(c, device=dev, dtype=dt), "wq": quantize(torch.randn(c, c, device=dev, dtype=dt), 8, 128),
+         "k": torch.randn(b, hk, tmax, d, device=dev, dtype=dt), "v": torch.randn(b, hk, tmax, d, device=dev, dtype=dt),
+         "lens": torch.full((b,), start + 1, dtype=torch.int32, device=dev), "hq": hq}
+    ids = torch.randint(0, 100, (b, 1), device=dev)
+    with torch.no_grad():
+        for _ in range(2):  # compile and cache everything first: only a step in steady state is judged
+            want = _decode_step(gpu_backend, ids, start, w)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = _decode_step(gpu_backend, ids, start, w)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _decode_step(gpu_backend, ids, start, w)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = _decode_step(gpu_backend, ids, start, w)
+        ids.copy_(torch.randint(0, 100, (b, 1), device=dev))
+        graph.replay()
+        torch.testing.assert_close(captured, _decode_step(gpu_backend, ids, start, w), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_deterministic_mode():
+    """The cuda backward's dQ atomics refuse deterministic mode; the Triton backward has none and
+    repeats bit for bit."""
+    q, k, v = make(1, 4, 2, 300, 300, 64, torch.bfloat16, "cuda")
+    torch.use_deterministic_algorithms(True)
+    try:
+        for be in GPU_BACKENDS:
+            from fastlm import backends
+
+            if backends.why_unavailable(be, "cuda") is not None:
+                continue
+            out = ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend=be)
+            if be == "cuda":
+                with pytest.raises(RuntimeError, match="deterministic"):
+                    out.sum().backward()
+                continue
+            grads = [torch.autograd.grad(ops.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True, backend=be).sum(), (q, k, v)) for _ in range(2)]
+            for a, b in zip(*grads):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
