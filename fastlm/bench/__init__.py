@@ -51,29 +51,42 @@ def run(ops: list[str], device: str, quick: bool, out: str, plot: bool = True, r
             print(f"measured matmul rate ({key}): {rates[key]:.3f} TFLOP/s")
         return rates[key]
 
-    results = {}
-    for op in ops:
-        module = _module(op)
-        rows = []
-        for case in module.cases(dev, quick):
-            print(f"running {case.name} ({case.dtype}) ...", flush=True)
-            rows += harness.run_case(case, dev, ceiling(case), reps=7 if quick else 15)
-        print(harness.format_table(rows))
-        results[op] = {"ceiling": {"copy_GBps": bw, "matmul_TFLOPs": dict(rates)}, "host_memory_reused": reuse,
-                       "rows": [dataclasses.asdict(r) for r in rows]}
-        # Measurements that are not timings (e.g. attention's peak memory against length).
-        if hasattr(module, "extra"):
-            results[op]["extra"] = module.extra(dev, quick)
     # Runs under glibc's default allocator go to a file of their own, beside the main results.
     name = machine_name(dev) + ("" if reuse or dev.type != "cpu" else "-default-alloc")
-    path = save(results, dev, quick, out, name)
-    print(f"wrote {path}")
+    results: dict[str, dict] = {}
+    for op in ops:
+        results[op] = _run_op(op, dev, quick, out, name, reuse, bw, rates, ceiling)
+    print(f"wrote {Path(out) / (name + '.json')}")
     if plot:
         for op, res in results.items():
             png = draw(op, res["rows"], Path(out) / f"{name}-{op}.png")
             if png:
                 print(f"wrote {png}")
     return results
+
+
+def _run_op(op, dev, quick, out, name, reuse, bw, rates, ceiling) -> dict:
+    """One op's cases, the results file rewritten after each, so that a run stopped by a time
+    limit keeps every case that finished (marked "complete": false until the last)."""
+    module = _module(op)
+    rows: list = []
+
+    def section(complete: bool) -> dict:
+        return {"ceiling": {"copy_GBps": bw, "matmul_TFLOPs": dict(rates)}, "host_memory_reused": reuse,
+                "rows": [dataclasses.asdict(r) for r in rows], "complete": complete}
+
+    for case in module.cases(dev, quick):
+        print(f"running {case.name} ({case.dtype}) ...", flush=True)
+        rows += harness.run_case(case, dev, ceiling(case), reps=7 if quick else 15)
+        save({op: section(False)}, dev, quick, out, name)
+    print(harness.format_table(rows))
+    res = section(True)
+    # Measurements that are not timings (e.g. attention's peak memory against length).
+    if hasattr(module, "extra"):
+        save({op: {**res, "complete": False}}, dev, quick, out, name)
+        res["extra"] = module.extra(dev, quick)
+    save({op: res}, dev, quick, out, name)
+    return res
 
 
 def save(results: dict, dev: torch.device, quick: bool, out: str, name: str) -> Path:
