@@ -2,12 +2,12 @@
 # Compile-checks the CUDA side of fastlm._C without a GPU or a CUDA-enabled torch: every
 # csrc/cuda/*.cu through `nvcc -c -arch=sm_90`, and csrc/registration.cpp with FASTLM_WITH_CUDA
 # through `g++ -fsyntax-only`, against the headers of the torch that $PYTHON imports (default
-# .venv/bin/python). Flags follow setup.py's CUDA build, plus what the CPU wheel needs
+# .venv/bin/python). Flags follow the CUDA build's (fastlm/_build.py), plus what the CPU wheel needs
 # (-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE: it lacks that generated header). Objects go to a temp dir.
 #
 # Exit 0 when all compile, or when there is no nvcc (with a SKIP line); 1 on any failure.
 # JOBS sets the parallel compiles (default: the number of cores); FASTLM_CXX_STD the -std
-# (default: setup.py's).
+# (default: fastlm/_build.py's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -18,8 +18,8 @@ if [ -z "$NVCC" ]; then
   exit 0
 fi
 JOBS=${JOBS:-$(nproc)}
-STD=${FASTLM_CXX_STD:-$(grep -o -- '-std=c++[0-9]*' setup.py | head -1 | cut -d= -f2)}
-STD=${STD:-c++17}
+STD=${FASTLM_CXX_STD:-$(grep -o -- '-std=c++[0-9]*' fastlm/_build.py | head -1 | cut -d= -f2)}
+[ -n "$STD" ] || { echo "check_cuda: FAIL: no -std= flag in fastlm/_build.py (set FASTLM_CXX_STD)"; exit 1; }
 
 read -r -a TORCH_INC < <("$PYTHON" -c '
 from torch.utils import cpp_extension as c
