@@ -12,7 +12,9 @@ kernels as an expanded view, so a key-padding mask (B, 1, 1, Tk) costs B x Tk fl
 
 Calls that the fused kernels do not cover run on the torch path, which gives torch's own results:
 dropout_p > 0 (the kernels have no dropout RNG), a value head dim different from the query's, a
-mask that requires grad, inputs with other than 3 or 4 dims, and empty inputs.
+mask that requires grad or is float64, inputs with other than 3 or 4 dims, and empty inputs.
+Batch dims that broadcast (query (4, 3, 8) against key (4, 4, 6, 8)) are expanded on the host, so
+the kernels see one batch shape.
 
 decode_attention is the step of autoregressive generation: the newest Tn tokens of each sequence
 attend to the first cache_seqlens[b] positions of a preallocated cache, causally aligned to the
@@ -115,33 +117,47 @@ def _(q, k_cache, v_cache, cache_seqlens, scale):
 # --- argument checks --------------------------------------------------------------------------
 
 
-def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """query, key and value with their batch dims broadcast to one shape (expanded views), as
+    torch broadcasts them. With enable_gqa and unequal heads, dim -3 holds the heads, and key and
+    value keep theirs, a divisor of the query's."""
     _checks.tensor(op, "query", q)
     _checks.like(op, "key", k, q, "query")
     _checks.like(op, "value", v, q, "query")
-    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+    if min(q.dim(), k.dim(), v.dim()) < 2:
         raise ValueError(
-            f"{op}: query, key and value must have the same number of dims (at least 2), got shapes "
+            f"{op}: query, key and value must have at least 2 dims (..., T, head dim), got shapes "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{op}: key's head dim {k.shape[-1]} differs from query's {q.shape[-1]}")
-    if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(
-            f"{op}: key {tuple(k.shape)} and value {tuple(v.shape)} must agree in all dims but the last"
-        )
-    if q.dim() >= 3:
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{op}: key {tuple(k.shape)} and value {tuple(v.shape)} must have the same length (dim -2)")
+    gqa = enable_gqa and min(q.dim(), k.dim(), v.dim()) >= 3 and q.shape[-3] != k.shape[-3]
+    lead = 3 if gqa else 2
+    if gqa:
         hq, hk = q.shape[-3], k.shape[-3]
-        if hq != hk and not enable_gqa:
-            raise ValueError(
-                f"{op}: query has {hq} heads and key/value {hk}; pass enable_gqa=True for grouped-query attention"
-            )
+        if v.shape[-3] != hk:
+            raise ValueError(f"{op}: key has {hk} heads but value has {v.shape[-3]}")
         if hk == 0 or hq % hk:
             raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
-        if q.shape[:-3] != k.shape[:-3]:
-            raise ValueError(
-                f"{op}: query {tuple(q.shape)} and key {tuple(k.shape)} must have the same batch dims"
-            )
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-lead], k.shape[:-lead], v.shape[:-lead])
+    except RuntimeError:
+        hint = ""
+        if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] and q.shape[-3] % k.shape[-3] == 0 and not enable_gqa:
+            hint = f"; query has {q.shape[-3]} heads and key/value {k.shape[-3]}: pass enable_gqa=True " \
+                   "for grouped-query attention"
+        raise ValueError(
+            f"{op}: the batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
+            f"{tuple(v.shape)} do not broadcast{hint}"
+        ) from None
+    heads = (q.shape[-3],) if gqa else ()
+    kv_heads = (k.shape[-3],) if gqa else ()
+    q = q.expand(*batch, *heads, *q.shape[-2:])
+    k = k.expand(*batch, *kv_heads, *k.shape[-2:])
+    v = v.expand(*batch, *kv_heads, *v.shape[-2:])
+    return q, k, v
 
 
 def _check_mask(op: str, mask, q: Tensor, k: Tensor) -> None:
@@ -193,11 +209,15 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, on the chosen backend."""
     op = "scaled_dot_product_attention"
-    _check_qkv(op, query, key, value, enable_gqa)
+    # The kernels take one batch shape; torch broadcasts batch dims, so they are expanded here.
+    query, key, value = _check_qkv(op, query, key, value, enable_gqa)
     if attn_mask is not None:
         _check_mask(op, attn_mask, query, key)
         if is_causal:
             raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (as torch requires)")
+    _checks.real(op, "dropout_p", dropout_p)
+    if scale is not None:
+        _checks.real(op, "scale", scale)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
     chosen = backends.choose(op, query.device, backend)
@@ -211,6 +231,8 @@ def scaled_dot_product_attention(
         and query.dim() in (3, 4)
         and query.numel() > 0 and key.numel() > 0
         and not (attn_mask is not None and attn_mask.requires_grad)
+        # The kernels read a float32 bias: a float64 mask would lose digits a float64 caller wants.
+        and not (attn_mask is not None and attn_mask.dtype == torch.float64)
     )
     if fused and not _gpu_head_dim_ok(chosen, d):
         if explicit:
@@ -239,7 +261,13 @@ def _decode_reference(q, k_cache, v_cache, cache_seqlens, scale):
     tmax = k_cache.shape[2]
     # Query i of sequence b sits at position seqlens[b] - Tn + i and sees keys up to it.
     pos = cache_seqlens.view(b, 1, 1).to(torch.long) - tn + torch.arange(tn, device=q.device).view(1, tn, 1)
-    mask = torch.arange(tmax, device=q.device).view(1, 1, tmax) <= pos
+    slots = torch.arange(tmax, device=q.device)
+    mask = slots.view(1, 1, tmax) <= pos
+    # Slots past a sequence's length hold whatever was there (NaN, Inf): a masked score is -inf,
+    # but 0 * NaN in the value product and NaN + -inf in the scores are NaN, so they are zeroed.
+    valid = (slots.view(1, tmax) < cache_seqlens.view(b, 1).to(torch.long)).view(b, 1, tmax, 1)
+    k_cache = torch.where(valid, k_cache, 0)
+    v_cache = torch.where(valid, v_cache, 0)
     return F.scaled_dot_product_attention(
         q, k_cache, v_cache, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
     )
@@ -272,6 +300,10 @@ def decode_attention(
             f"{op}: k_cache must be (B, Hk, Tmax, D) = ({b}, Hk, Tmax, {d}), got shape {tuple(k_cache.shape)}"
         )
     hk, tmax = k_cache.shape[1], k_cache.shape[2]
+    if d == 0:
+        raise ValueError(f"{op}: q's head dim (its last dim) must be positive, got shape {tuple(q.shape)}")
+    if scale is not None:
+        _checks.real(op, "scale", scale)
     if hk == 0 or hq % hk:
         raise ValueError(f"{op}: q's heads ({hq}) must be a multiple of the cache's heads ({hk})")
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
