@@ -333,8 +333,9 @@ def test_bad_input(backend, device):
         sdpa(q.long(), k, k, backend=backend)
     with pytest.raises(ValueError, match="meta"):
         sdpa(q, k.to("meta"), k, backend=backend)
-    with pytest.raises(ValueError, match="batch"):
-        sdpa(q, k[:1], k[:1], backend=backend)
+    with pytest.raises(ValueError, match="batch"):  # batch 3 against 2: no broadcast (1 against 2 is one)
+        kb = torch.cat([k, k[:1]])
+        sdpa(q, kb, kb, backend=backend)
 
 
 # --- memory ---------------------------------------------------------------------------------------
