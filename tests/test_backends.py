@@ -64,8 +64,9 @@ def test_environment_variable_sets_the_default():
     assert out.returncode != 0 and "backend 'cuda' is not available" in out.stderr
 
 
-def test_extension_missing_falls_back_to_torch():
-    # A fresh interpreter that cannot find fastlm._C still imports fastlm and uses torch.
+def test_extension_missing_falls_back_to_torch(tmp_path):
+    # A fresh interpreter that cannot find fastlm._C (nor a `fastlm build` of it: an empty cache)
+    # still imports fastlm and uses torch.
     code = (
         "import importlib.util, sys\n"
         "real = importlib.util.find_spec\n"
@@ -76,7 +77,8 @@ def test_extension_missing_falls_back_to_torch():
         "print(fastlm.ops.layer_norm(torch.ones(2, 4), (4,)).abs().sum().item())\n"
         "print(report())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "FASTLM_CACHE": str(tmp_path), "FASTLM_BACKEND": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     lines = out.stdout.splitlines()
     assert lines[0] == "torch" and float(lines[1]) == 0.0
     assert "fastlm._C was not built" in out.stdout
