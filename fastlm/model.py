@@ -47,6 +47,7 @@ class TransformerConfig:
     bias: bool = True
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    causal: bool = True             # False: bidirectional attention (an encoder), with key-padding masks
     backend: str | None = None      # None: the best fastlm backend for the device
 
     PRESETS = {
@@ -119,14 +120,14 @@ class Block(nn.Module):
         self.norm1 = _norm(cfg)
         self.attn = CausalSelfAttention(
             cfg.d_model, cfg.n_head, cfg.n_kv_head, bias=cfg.bias, dropout=cfg.dropout,
-            rotary=cfg.pos == "rope", max_seq_len=cfg.block_size, rope_theta=cfg.rope_theta)
+            rotary=cfg.pos == "rope", max_seq_len=cfg.block_size, rope_theta=cfg.rope_theta, causal=cfg.causal)
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias, dropout=cfg.dropout)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, cache: KVCache | None = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, residual: Tensor | None = None, cache: KVCache | None = None, *,
+                attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y, h = (self.norm1(x), x) if residual is None else self.norm1(x, residual)
-        y, h = self.norm2(self.attn(y, cache), h)
+        y, h = self.norm2(self.attn(y, cache, attn_mask=attn_mask), h)
         return self.mlp(y), h
 
 
@@ -167,8 +168,11 @@ class Transformer(nn.Module):
         backend = backend if backend is not None else self.config.backend
         return ops.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
-    def hidden(self, ids: Tensor, caches: list[KVCache] | None = None, *, backend: str | None = None) -> Tensor:
-        """The final normed hidden states (B, T, d_model) for ids (B, T)."""
+    def hidden(self, ids: Tensor, caches: list[KVCache] | None = None, *, backend: str | None = None,
+               key_padding_mask: Tensor | None = None) -> Tensor:
+        """The final normed hidden states (B, T, d_model) for ids (B, T). key_padding_mask (B, T),
+        True on real tokens, keeps a bidirectional model's queries off the padding; a causal one
+        needs none when the padding is on the right, where no real token looks."""
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"Transformer: ids must be a (B, T) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
         start = 0 if caches is None else caches[0].longest
@@ -181,8 +185,15 @@ class Transformer(nn.Module):
             else:
                 h = ops.embedding(ids, self.wte.weight)
             x, residual = self.drop(h), None
+            mask = None
+            if key_padding_mask is not None and not self.config.causal:
+                if key_padding_mask.shape != ids.shape or key_padding_mask.dtype != torch.bool:
+                    raise ValueError(f"Transformer: key_padding_mask must be a bool tensor shaped like ids "
+                                     f"{tuple(ids.shape)}, got {tuple(key_padding_mask.shape)} "
+                                     f"{key_padding_mask.dtype}")
+                mask = key_padding_mask[:, None, None, :]
             for i, block in enumerate(self.blocks):
-                x, residual = block(x, residual, None if caches is None else caches[i])
+                x, residual = block(x, residual, None if caches is None else caches[i], attn_mask=mask)
             return self.norm_f(x) if residual is None else self.norm_f(x, residual)[0]
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, *, backend: str | None = None,

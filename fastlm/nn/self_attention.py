@@ -92,7 +92,7 @@ class Rotary(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, *, bias: bool = True,
                  dropout: float = 0.0, rotary: bool = False, max_seq_len: int = 1024,
-                 rope_theta: float = 10000.0, device=None, dtype=None):
+                 rope_theta: float = 10000.0, causal: bool = True, device=None, dtype=None):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if d_model % n_head:
@@ -100,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         if n_kv_head <= 0 or n_head % n_kv_head:
             raise ValueError(f"CausalSelfAttention: n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
-        self.dropout = dropout
+        self.dropout, self.causal = dropout, causal
         kw = {"device": device, "dtype": dtype}
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias, **kw)
         self.proj = nn.Linear(d_model, d_model, bias=bias, **kw)
@@ -112,8 +112,13 @@ class CausalSelfAttention(nn.Module):
         return KVCache(batch, self.n_kv_head, max_len, self.head_dim,
                        device=device or w.device, dtype=dtype or w.dtype)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, *, attn_mask: Tensor | None = None) -> Tensor:
+        """attn_mask: for a bidirectional layer (causal=False), a boolean mask that broadcasts to
+        (B, H, T, T), True where a query may attend to a key, e.g. key padding as (B, 1, 1, T)."""
         b, t, c = x.shape
+        if attn_mask is not None and (self.causal or cache is not None):
+            raise ValueError("CausalSelfAttention: attn_mask is for a bidirectional layer (causal=False) "
+                             "without a cache")
         hq, hk, d = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([hq * d, hk * d, hk * d], dim=-1)
         q = q.view(b, t, hq, d).transpose(1, 2)
@@ -123,8 +128,8 @@ class CausalSelfAttention(nn.Module):
             if self.rotary is not None:
                 q, k = self.rotary(q), self.rotary(k)
             y = ops.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True,
-                enable_gqa=hq != hk)
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=self.causal, enable_gqa=hq != hk)
         else:
             if self.rotary is not None:
                 pos = cache.seqlens.long()[:, None] + torch.arange(t, device=x.device)
