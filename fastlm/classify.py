@@ -362,7 +362,7 @@ def _step(r: _Run) -> float:
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
     r.step += 1
-    return float(loss)
+    return loss.item()
 
 
 def _trainer_state(r: _Run, elapsed: float) -> dict:

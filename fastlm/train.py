@@ -80,6 +80,8 @@ class TrainConfig:
     data: str = _field("data/shakespeare", "token directory written by `fastlm data`")
     out: str = _field("runs/tiny", "run directory: checkpoints, metrics")
     preset: str = _field("tiny", "model size", choices=tuple(TransformerConfig.PRESETS))
+    objective: str = _field("clm", "clm: next-token prediction, causal; mlm: BERT's masked tokens (15%%, 80/10/10), "
+                                   "bidirectional, on a directory of `fastlm data --dataset`", choices=("clm", "mlm"))
     model: dict = _field({}, "overrides of the preset's fields, e.g. {\"pos\": \"rope\", \"n_kv_head\": 2}")
     steps: int = _field(1000, "optimizer steps", positive=True)
     batch_size: int = _field(16, "sequences per optimizer step, over all processes", positive=True)
@@ -424,15 +426,17 @@ def _autocast(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, cfg: TrainConfig, seq_len: int, device, rank: int, world: int) -> float:
+def evaluate(model, tokens, cfg: TrainConfig, seq_len: int, device, rank: int, world: int,
+             mlm: dict | None = None) -> float:
     """Mean loss over cfg.eval_batches global batches of the validation stream, the same batches
-    at every evaluation (a fixed seed)."""
+    (and, for the MLM objective, the same masks) at every evaluation (a fixed seed)."""
     batches = fdata.TokenBatches(tokens, cfg.batch_size, seq_len, seed=cfg.seed + 1, rank=rank, world=world)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2 + rank)
     was = model.training
     model.eval()
     total = 0.0
     for _ in range(cfg.eval_batches):
-        x, y = batches.next(device)
+        x, y = _objective(batches.next(device), mlm, gen)
         for xm, ym in zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size)):
             with _autocast(device, cfg.dtype):
                 total += float(model(xm, ym)[1]) * len(xm)
@@ -456,6 +460,7 @@ class _Run:
     seq_len: int
     accum: int                      # micro-batches per step in this process
     step: int = 0
+    mlm: dict | None = None         # mlm_mask's token ids for the MLM objective
 
 
 def _resumed_config(cfg: TrainConfig, saved: dict, ckpt: Path) -> TrainConfig:
@@ -484,8 +489,13 @@ def _model_config(cfg: TrainConfig, ckpt: Path | None) -> tuple[TransformerConfi
     if ckpt is not None:
         model_cfg = _load_config(ckpt, cfg.backend)
     else:
-        model_cfg = TransformerConfig.preset(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model,
+        model_cfg = TransformerConfig.preset(cfg.preset, **{"vocab_size": meta["vocab_size"],
+                                                            "causal": cfg.objective == "clm", **cfg.model,
                                                             "backend": cfg.backend})
+    if model_cfg.causal != (cfg.objective == "clm"):
+        kind = "causal" if cfg.objective == "clm" else "bidirectional"
+        raise ValueError(f"train: the {cfg.objective} objective needs a {kind} model, the configuration has "
+                         f"causal={model_cfg.causal}")
     if meta["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"train: the data's vocabulary ({meta['vocab_size']}) exceeds the model's "
                          f"vocab_size ({model_cfg.vocab_size})")
@@ -493,6 +503,24 @@ def _model_config(cfg: TrainConfig, ckpt: Path | None) -> tuple[TransformerConfi
     if seq_len > model_cfg.block_size:
         raise ValueError(f"train: seq_len {seq_len} exceeds the model's block_size {model_cfg.block_size}")
     return model_cfg, seq_len
+
+
+def _mlm_params(cfg: TrainConfig) -> dict | None:
+    if cfg.objective == "clm":
+        return None
+    meta = fdata.read_meta(cfg.data)
+    if "mask_id" not in meta:
+        raise ValueError(f"train: the mlm objective needs a mask token, which {cfg.data} lacks; write a directory "
+                         "with one: `fastlm data --dataset 20newsgroups --out DIR`")
+    return {"mask_id": meta["mask_id"], "vocab_size": meta["vocab_size"], "n_special": meta["n_special"]}
+
+
+def _objective(batch: tuple[torch.Tensor, torch.Tensor], mlm: dict | None, generator=None):
+    """(inputs, targets): the next tokens for the causal objective; for the MLM one the window
+    itself, corrupted, with its chosen tokens as targets."""
+    if mlm is None:
+        return batch
+    return fdata.mlm_mask(batch[0], generator=generator, **mlm)
 
 
 def _start(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int, local_rank: int) -> _Run:
@@ -518,7 +546,7 @@ def _start(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int, local_ran
     batches = fdata.TokenBatches(fdata.load_tokens(cfg.data, "train"), cfg.batch_size, seq_len, seed=cfg.seed,
                                  rank=rank, world=world)
     return _Run(cfg, rank, world, device, model, run, opt, batches, fdata.load_tokens(cfg.data, "val"), seq_len,
-                per_rank // cfg.micro_batch_size)
+                per_rank // cfg.micro_batch_size, mlm=_mlm_params(cfg))
 
 
 def _distribute(model: Transformer, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
@@ -566,7 +594,8 @@ def _optimizer_step(r: _Run, lr: float) -> tuple[torch.Tensor, torch.Tensor | No
     cfg = r.cfg
     for g in r.opt.param_groups:
         g["lr"] = lr
-    x, y = r.batches.next(r.device)
+    # The MLM masks come from the global RNG, which checkpoints carry: a resume draws the same.
+    x, y = _objective(r.batches.next(r.device), r.mlm)
     loss_sum = torch.zeros((), device=r.device)
     for i, (xm, ym) in enumerate(zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size))):
         with _grad_sync(r, last=i == r.accum - 1), _autocast(r.device, cfg.dtype):
@@ -658,7 +687,7 @@ def _loop(r: _Run, out: Path) -> dict:
             t0, tokens_since = time.perf_counter(), 0
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if r.step % cfg.eval_every == 0 or final:
-            val = evaluate(r.run, r.val_tokens, cfg, r.seq_len, r.device, r.rank, r.world)
+            val = evaluate(r.run, r.val_tokens, cfg, r.seq_len, r.device, r.rank, r.world, r.mlm)
             row = {"step": r.step, **row, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
             if main:
                 bar.write(f"step {r.step}: val loss {val:.4f}, perplexity {row['val_ppl']:.2f}")

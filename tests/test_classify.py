@@ -218,3 +218,43 @@ def test_bad_checkpoints_and_label_sets(data_dir, tmp_path):
         classify.check_labels({"labels": ["a", "b"]}, {"labels": ["a", "c"]}, "eval")
     with pytest.raises(ValueError, match="needs --lora|give --lora"):
         classify.ClassifyConfig(quant="int4").check()
+
+
+def test_command_line(data_dir, tmp_path, capsys):
+    from fastlm import cli
+
+    run, lm = tmp_path / "cls", tmp_path / "mlm"
+    common = ["--model", json.dumps({"block_size": 32, "n_layer": 1, "n_head": 2, "d_model": 32})]
+    # Pretraining with the MLM objective on the same directory's texts, then fine-tuning from it.
+    assert cli.main(["train-lm", "--data", str(data_dir), "--out", str(lm), "--objective", "mlm", "--steps", "4",
+                     "--batch-size", "4", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
+                     "--no-progress", *common]) == 0
+    assert json.loads((lm / "step_000004" / "config.json").read_text())["causal"] is False
+    assert cli.main(["train-classifier", "--data", str(data_dir), "--out", str(run), "--init", str(lm),
+                     "--max-len", "32", "--steps", "20", "--eval-every", "10", "--lora", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--ckpt", str(run), "--data", str(data_dir), "--split", "test",
+                     "--png", str(tmp_path / "cm.png"), "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "macro avg" in out and "accuracy" in out and (tmp_path / "cm.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 45
+    assert cli.main(["classify", "--ckpt", str(run), "rocket moon orbit", "cheese bread"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(ln.split("\t")[0] in ("food", "space", "sport") for ln in lines)
+    # Bad input: empty text, a language-model checkpoint, another label set, quant without lora.
+    assert cli.main(["classify", "--ckpt", str(run), "  "]) == 2
+    assert "empty text" in capsys.readouterr().err
+    assert cli.main(["classify", "--ckpt", str(lm), "moon"]) == 2
+    assert "language-model checkpoint, not a classifier" in capsys.readouterr().err
+    other = tmp_path / "other"
+    corpus = _corpus()
+    corpus = {k: [(t, "cooking" if y == "food" else y) for t, y in v] for k, v in corpus.items()}
+    data.prepare_labelled(other, "synthetic", vocab_size=290, val_fraction=0.2, corpus=corpus)
+    assert cli.main(["eval", "--ckpt", str(run), "--data", str(other), "--split", "test"]) == 2
+    assert "label set" in capsys.readouterr().err
+    assert cli.main(["train-classifier", "--data", str(data_dir), "--out", str(run), "--quant", "int8"]) == 2
+    assert "--lora" in capsys.readouterr().err
+    # A pretrained checkpoint with another tokenizer is refused.
+    assert cli.main(["train-classifier", "--data", str(other), "--out", str(tmp_path / "x"), "--init", str(lm),
+                     "--max-len", "32"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
