@@ -95,6 +95,22 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const OptTensor& bias, bool ta
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                      const OptTensor& bias, bool tanh, bool need_dbias);
 
+// SiLU times gate (the SwiGLU MLP's activation): y = silu(gate) * up for gate and up (M, N) of one
+// dtype with unit column stride and any row stride that keeps rows apart (the two halves of a fused
+// (M, 2N) gate_up projection are read in place). Computed in float32 (float64 for float64 input).
+// Returns y (M, N), contiguous, in gate's dtype.
+at::Tensor silu_mul_fwd_cpu(const at::Tensor& gate, const at::Tensor& up);
+
+// Gradients of silu_mul_fwd, recomputing the sigmoid: dgate = dy * up * silu'(gate) and
+// dup = dy * silu(gate), for dy laid out as gate may be. Returns (dgate, dup), contiguous.
+std::tuple<at::Tensor, at::Tensor> silu_mul_bwd_cpu(const at::Tensor& dy, const at::Tensor& gate,
+                                                    const at::Tensor& up);
+
+// The argument check both backends' silu_mul entry points share (dy may be null); defined in
+// csrc/cpu/activation.cpp.
+void check_silu_mul(const char* op, const at::Tensor& gate, const at::Tensor& up, const at::Tensor* dy,
+                    at::DeviceType type);
+
 #ifdef FASTLM_WITH_CUDA
 at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const OptTensor& zeros, const OptTensor& bias, int64_t bits,
@@ -123,6 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const OptTensor& bias, bool tanh);
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                       const OptTensor& bias, bool tanh, bool need_dbias);
+at::Tensor silu_mul_fwd_cuda(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> silu_mul_bwd_cuda(const at::Tensor& dy, const at::Tensor& gate,
+                                                     const at::Tensor& up);
 #endif
 
 }  // namespace fastlm

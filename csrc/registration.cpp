@@ -24,6 +24,8 @@ TORCH_LIBRARY(fastlm_C, m) {
         " int group_size) -> Tensor");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor, Tensor)");
+  m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def("silu_mul_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
@@ -38,6 +40,8 @@ TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("quant_matmul", &fastlm::quant_matmul_cpu);
   m.impl("bias_gelu_fwd", &fastlm::bias_gelu_fwd_cpu);
   m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cpu);
+  m.impl("silu_mul_fwd", &fastlm::silu_mul_fwd_cpu);
+  m.impl("silu_mul_bwd", &fastlm::silu_mul_bwd_cpu);
 }
 
 #ifdef FASTLM_WITH_CUDA
@@ -53,5 +57,7 @@ TORCH_LIBRARY_IMPL(fastlm_C, CUDA, m) {
   m.impl("quant_matmul", &fastlm::quant_matmul_cuda);
   m.impl("bias_gelu_fwd", &fastlm::bias_gelu_fwd_cuda);
   m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cuda);
+  m.impl("silu_mul_fwd", &fastlm::silu_mul_fwd_cuda);
+  m.impl("silu_mul_bwd", &fastlm::silu_mul_bwd_cuda);
 }
 #endif

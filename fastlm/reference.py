@@ -64,6 +64,15 @@ def bias_gelu(x, bias=None, approximate="tanh") -> Tensor:
     return 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
 
 
+# --- silu_mul ---------------------------------------------------------------------------------
+
+
+def silu_mul(gate, up) -> Tensor:
+    """silu(gate) * up = gate / (1 + e^-gate) * up, the SwiGLU activation."""
+    g = gate.to(F64)
+    return g / (1 + torch.exp(-g)) * up.to(F64)
+
+
 # --- attention --------------------------------------------------------------------------------
 
 

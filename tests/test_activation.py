@@ -346,3 +346,298 @@ def test_extreme_gradients_are_limits_or_nan(backend, device, approximate):
     inf_or_nan = ~torch.tensor(EXTREMES).isfinite()
     assert dx[inf_or_nan].isnan().all()
     torch.testing.assert_close(dx[~inf_or_nan], want[~inf_or_nan], rtol=1e-5, atol=1e-6)
+
+
+# --- silu_mul ---------------------------------------------------------------------------------
+
+# Odd widths (not a multiple of the 8 or 16 lanes), one column, one row, a long ragged row.
+SILU_SHAPES = [(1, 1), (1, 7), (3, 1), (5, 33), (257, 64), (2, 9000), (2, 5, 96), (4, 3, 7), (1000,)]
+
+
+def silu_inputs(shape, dtype, device):
+    # Wide enough for both tails of the sigmoid (e^-g over- and underflowing near g = -+88 in float32).
+    g = (4 * torch.randn(shape, dtype=torch.float64)).to(dtype).to(device)
+    u = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    return g, u
+
+
+def silu_reference(g, u, dy):
+    """(y, dgate, dup) in float64 on the CPU, from the (rounded) inputs the kernel saw."""
+    gd, ud = (t.detach().cpu().double().requires_grad_() for t in (g, u))
+    y = ref.silu_mul(gd, ud)
+    return (y.detach(), *torch.autograd.grad(y, (gd, ud), dy))
+
+
+def silu_run(g, u, dy, backend):
+    g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+    y = ops.silu_mul(g, u, backend=backend)
+    return (y, *torch.autograd.grad(y, (g, u), dy.to(g.dtype).to(g.device)))
+
+
+def silu_close(got, want, tol=F32_TOL):
+    for name, a, b in zip(("y", "dgate", "dup"), got, want):
+        scaled_close(a, b, tol, name)
+
+
+@pytest.mark.parametrize("shape", SILU_SHAPES, ids=str)
+def test_silu_mul_float32(backend, device, shape):
+    g, u = silu_inputs(shape, torch.float32, device)
+    dy = torch.randn(shape, dtype=torch.float64)
+    got = silu_run(g, u, dy, backend)
+    for t in got:
+        assert t.dtype == torch.float32 and t.shape == g.shape and t.device == g.device
+    silu_close(got, silu_reference(g, u, dy))
+
+
+def test_silu_mul_float64(backend, device):
+    if backend not in ("torch", "cpu"):
+        pytest.skip("float64 runs on the torch and cpu backends")
+    g, u = silu_inputs((6, 301), torch.float64, device)
+    dy = torch.randn(6, 301, dtype=torch.float64)
+    got = silu_run(g, u, dy, backend)
+    assert all(t.dtype == torch.float64 for t in got)
+    silu_close(got, silu_reference(g, u, dy), dict(rtol=1e-12, atol=1e-12))
+
+
+def test_silu_mul_threads(backend, device):
+    """Several threads, tiles of one long row and many short ones, contiguous and strided."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, n_threads))
+    try:
+        for shape in ((37, 5003), (1, 20000), (300, 24)):
+            g, u = silu_inputs(shape, torch.float32, device)
+            dy = torch.randn(shape, dtype=torch.float64)
+            silu_close(silu_run(g, u, dy, backend), silu_reference(g, u, dy))
+            gu = torch.cat([g, u], -1)
+            silu_close(silu_run(*gu.chunk(2, -1), dy, backend), silu_reference(g, u, dy))
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def silu_low_case(dtype, device, backend):
+    g, u = silu_inputs((64, 520), dtype, device)
+    dy = torch.randn(64, 520, dtype=torch.float64).to(dtype)
+    return silu_run(g, u, dy, backend), silu_reference(g, u, dy.double())
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_silu_mul_low_precision_within_twice_torch(backend, device, dtype):
+    if backend == "torch":
+        pytest.skip("the torch path is the yardstick here")
+    torch.manual_seed(1)
+    ours, want = silu_low_case(dtype, device, backend)
+    torch.manual_seed(1)
+    theirs, _ = silu_low_case(dtype, "cpu", "torch")
+    for name, got, t, w in zip(("y", "dgate", "dup"), ours, theirs, want):
+        assert got.dtype == dtype
+        ref.assert_within_twice_torch(got, t, w, floor=torch.finfo(dtype).eps, name=name)
+
+
+@pytest.mark.parametrize("layout", ["chunked", "chunked 3-D", "transposed", "expanded"])
+def test_silu_mul_noncontiguous(backend, device, layout):
+    """Halves of a fused gate_up projection (read in place), and layouts that are copied first."""
+    if layout == "chunked":
+        gu = torch.randn(13, 2 * 45, device=device)
+        g, u = gu.chunk(2, -1)
+    elif layout == "chunked 3-D":
+        gu = torch.randn(2, 5, 2 * 24, device=device)
+        g, u = gu.chunk(2, -1)
+    elif layout == "transposed":
+        g, u = torch.randn(40, 9, device=device).t(), torch.randn(9, 40, device=device)
+    else:
+        g, u = torch.randn(1, 33, device=device).expand(6, 33), torch.randn(6, 33, device=device)
+    assert not g.is_contiguous()
+    dy = torch.randn(g.shape, dtype=torch.float64)
+    silu_close(silu_run(g, u, dy, backend), silu_reference(g, u, dy))
+
+
+def test_silu_mul_chunked_reads_in_place(backend, device):
+    """The kernels take the halves' row stride: the op sees the very storage of the fused tensor."""
+    if backend == "torch":
+        pytest.skip("no kernels")
+    from fastlm.ops import activation
+
+    gu = torch.randn(6, 2 * 40, device=device)
+    g, u = gu.chunk(2, -1)
+    rows = activation._rows(g, 40)
+    assert rows.data_ptr() == g.data_ptr() and rows.stride() == (80, 1)
+    y = torch.ops.fastlm.silu_mul_fwd(rows, activation._rows(u, 40), backend)
+    scaled_close(y, ref.silu_mul(g.cpu(), u.cpu()), F32_TOL, "y")
+
+
+def test_silu_mul_strided_dy(backend, device):
+    """A gradient arriving with a row stride (a slice of a wider one) is read in place too."""
+    g, u = silu_inputs((7, 30), torch.float32, device)
+    dy_wide = torch.randn(7, 50, dtype=torch.float64)
+    g, u = g.requires_grad_(), u.requires_grad_()
+    y = ops.silu_mul(g, u, backend=backend)
+    got = (y, *torch.autograd.grad(y, (g, u), dy_wide[:, :30].to(device).float()))
+    silu_close(got, silu_reference(g, u, dy_wide[:, :30]))
+
+
+def test_silu_mul_one_input_needs_grad(backend, device):
+    g, u = silu_inputs((4, 20), torch.float32, device)
+    dy = torch.ones(4, 20, dtype=torch.float64)
+    _, dgr, dur = silu_reference(g, u, dy)
+    gg = g.clone().requires_grad_()
+    (dg,) = torch.autograd.grad(ops.silu_mul(gg, u, backend=backend).sum(), gg)
+    scaled_close(dg, dgr, F32_TOL, "dgate")
+    uu = u.clone().requires_grad_()
+    (du,) = torch.autograd.grad(ops.silu_mul(g, uu, backend=backend).sum(), uu)
+    scaled_close(du, dur, F32_TOL, "dup")
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0), (0,), (2, 0, 5)], ids=str)
+def test_silu_mul_empty(backend, device, shape):
+    g = torch.randn(shape, device=device, requires_grad=True)
+    u = torch.randn(shape, device=device, requires_grad=True)
+    y = ops.silu_mul(g, u, backend=backend)
+    assert y.shape == shape
+    y.sum().backward()
+    assert g.grad.shape == shape and u.grad.shape == shape
+
+
+SILU_EXTREMES = [float("-inf"), -3e38, -1e30, -1e4, -100.0, -88.8, -87.0, -20.0, -1.0, -0.0, 0.0, 1.0, 20.0,
+                 87.0, 100.0, 1e4, 1e30, 3e38, float("inf"), float("nan")]
+
+
+def test_silu_mul_extremes_like_torch(backend, device):
+    """torch's answers at the extremes, signs of zero included: silu(-100) = -0, silu(-inf) = NaN
+    (-inf / (1 + inf)), silu(inf) = inf; the gradient is NaN at +-inf (inf * 0 in its formula)."""
+    for up in (1.0, -0.5, 1e30):
+        g = torch.tensor(SILU_EXTREMES, device=device, requires_grad=True)
+        u = torch.full_like(g, up).requires_grad_()
+        y = ops.silu_mul(g, u, backend=backend)
+        dg, du = torch.autograd.grad(y.sum(), (g, u))
+        gt, ut = g.detach().cpu().requires_grad_(), u.detach().cpu().requires_grad_()
+        yt = torch.nn.functional.silu(gt) * ut
+        dgt, dut = torch.autograd.grad(yt.sum(), (gt, ut))
+        for name, got, want in (("y", y, yt), ("dgate", dg, dgt), ("dup", du, dut)):
+            got, want = got.detach().cpu(), want.detach()
+            assert torch.equal(got.isnan(), want.isnan()), (name, up, got, want)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30, equal_nan=True, msg=f"{name} {up}")
+            both = ~want.isnan()
+            assert torch.equal(torch.signbit(got[both]), torch.signbit(want[both])), (name, up, got, want)
+
+
+def test_silu_mul_nan_stays_in_place(backend, device):
+    g, u = torch.randn(3, 16, device=device), torch.randn(3, 16, device=device)
+    g[1, 5], u[2, 3] = float("nan"), float("inf")
+    y = ops.silu_mul(g, u, backend=backend).cpu()
+    want = torch.nn.functional.silu(g.cpu()) * u.cpu()
+    assert y[1, 5].isnan() and y[2, 3].isinf() and want[2, 3].isinf()
+    torch.testing.assert_close(y, want, equal_nan=True)
+    assert torch.isfinite(y).sum() == 3 * 16 - 2
+
+
+def test_silu_mul_gradcheck_float64_cpu():
+    if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+        pytest.skip("the cpu backend is not built")
+    g = torch.randn(4, 3, 10, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(4, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g, u: ops.silu_mul(g, u, backend="cpu"), (g, u))
+    gu = torch.randn(5, 22, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda gu: ops.silu_mul(*gu.chunk(2, -1), backend="cpu"), (gu,))
+
+
+def test_silu_mul_opcheck():
+    """torch.library's own checks of the kernel ops: schema, fake against real, autograd registration."""
+    if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+        pytest.skip("the cpu backend is not built")
+    g = torch.randn(5, 24, requires_grad=True)
+    u = torch.randn(5, 24, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastlm.silu_mul_fwd.default, (g, u, "cpu"))
+    gu = torch.randn(5, 48)
+    torch.library.opcheck(torch.ops.fastlm.silu_mul_fwd.default, (*gu.chunk(2, -1), "cpu"))
+    torch.library.opcheck(torch.ops.fastlm.silu_mul_bwd.default, (torch.randn(5, 24), g.detach(), u.detach(), "cpu"))
+
+
+@pytest.mark.parametrize(
+    "call, err, words",
+    [
+        (lambda g, u: ops.silu_mul(g, u[:, :8]), ValueError, "up must have shape"),
+        (lambda g, u: ops.silu_mul(g, u[None]), ValueError, "up must have shape"),
+        (lambda g, u: ops.silu_mul(g, u.double()), TypeError, "up has dtype"),
+        (lambda g, u: ops.silu_mul(g, u.to("meta")), ValueError, "up is on meta"),
+        (lambda g, u: ops.silu_mul(g.long(), u), TypeError, "gate"),
+        (lambda g, u: ops.silu_mul(g, u.long()), TypeError, "up"),
+        (lambda g, u: ops.silu_mul(g > 0, u), TypeError, "gate"),
+        (lambda g, u: ops.silu_mul(g.numpy(), u), TypeError, "gate"),
+        (lambda g, u: ops.silu_mul(g, u.tolist()), TypeError, "up"),
+        (lambda g, u: ops.silu_mul(g[0, 0], u[0, 0]), ValueError, "gate.*0-d"),
+        (lambda g, u: ops.silu_mul(g, u, backend="nope"), RuntimeError, "unknown backend"),
+    ],
+)
+def test_silu_mul_bad_input_names_the_argument(call, err, words):
+    g, u = torch.randn(4, 32), torch.randn(4, 32)
+    with pytest.raises(err, match=words):
+        call(g, u)
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda op, g, u: op.silu_mul_fwd(g, u[:, :8]), "up has shape"),
+        (lambda op, g, u: op.silu_mul_fwd(g, u.double()), "up has dtype"),
+        (lambda op, g, u: op.silu_mul_fwd(g.int(), u.int()), "gate has dtype"),
+        (lambda op, g, u: op.silu_mul_fwd(g[None], u[None]), "gate must be 2-D"),
+        (lambda op, g, u: op.silu_mul_fwd(g.t(), u.t()), "gate must have unit column stride"),
+        (lambda op, g, u: op.silu_mul_fwd(g, u[:1].expand(4, 32)), "up must have unit column stride and rows"),
+        (lambda op, g, u: op.silu_mul_fwd(g, u.to("meta")), "up.*meta|Meta"),
+        (lambda op, g, u: op.silu_mul_bwd(g[:1], g, u), "dy has shape"),
+        (lambda op, g, u: op.silu_mul_bwd(g.half(), g, u), "dy has dtype"),
+        (lambda op, g, u: op.silu_mul_bwd(g.t().contiguous().t(), g.t().contiguous().t(), u), "gate"),
+    ],
+)
+@pytest.mark.parametrize("namespace", ["fastlm_C", "fastlm"])
+def test_silu_mul_kernel_ops_refuse_bad_input(call, words, namespace):
+    """The raw kernels and the custom ops over them name the argument too (direct callers)."""
+    if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+        pytest.skip("the cpu backend is not built")
+    g, u = torch.randn(4, 32), torch.randn(4, 32)
+    if namespace == "fastlm_C":
+        op = torch.ops.fastlm_C
+    else:
+        op = type("CustomOps", (), {
+            "silu_mul_fwd": staticmethod(lambda *a: torch.ops.fastlm.silu_mul_fwd(*a, "cpu")),
+            "silu_mul_bwd": staticmethod(lambda *a: torch.ops.fastlm.silu_mul_bwd(*a, "cpu")),
+        })
+    with pytest.raises(RuntimeError, match=words):
+        call(op, g, u)
+
+
+@pytest.mark.slow
+def test_silu_mul_compile_fullgraph(backend, device):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile does not trace the Triton interpreter")
+    torch._dynamo.reset()
+
+    def f(gu, u2):
+        g, u = gu.chunk(2, -1)
+        return ops.silu_mul(g, u) + ops.silu_mul(u2, u2)
+
+    gu = torch.randn(3, 5, 64, device=device, requires_grad=True)
+    u2 = torch.randn(3, 5, 32, device=device, requires_grad=True)
+    with fastlm.use_backend(backend):
+        eager = f(gu, u2)
+        want = torch.autograd.grad(eager.square().sum(), (gu, u2))
+        out = torch.compile(f, fullgraph=True)(gu, u2)
+        got = torch.autograd.grad(out.square().sum(), (gu, u2))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+if given is not None:
+
+    @settings(max_examples=25, deadline=None)
+    @given(lead=st.lists(st.integers(0, 5), min_size=0, max_size=3), n=st.integers(1, 300), fused=st.booleans())
+    def test_silu_mul_any_shape_matches_float64(lead, n, fused):
+        if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+            pytest.skip("the cpu backend is not built")
+        shape = (*lead, n)
+        g, u = silu_inputs(shape, torch.float32, "cpu")
+        if fused:
+            g, u = torch.cat([g, u], -1).chunk(2, -1)
+        dy = torch.randn(shape, dtype=torch.float64)
+        silu_close(silu_run(g, u, dy, "cpu"), silu_reference(g, u, dy), dict(rtol=1e-5, atol=2e-5))

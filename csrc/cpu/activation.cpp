@@ -1,4 +1,5 @@
-// Bias + GELU on the CPU: y = gelu(x + bias), forward and backward, parallel over tiles of rows.
+// Bias + GELU on the CPU: y = gelu(x + bias), forward and backward, parallel over tiles of rows;
+// and SiLU times gate, y = silu(gate) * up (the SwiGLU activation), at the end of the file.
 //
 // Both GELUs are written around one exponential per element, on eight lanes:
 //   tanh:  0.5 v (1 + tanh(u)) = v * s,  s = 1 / (1 + e),  e = exp(-2u),  u = sqrt(2/pi) (v + 0.044715 v^3)
@@ -307,6 +308,193 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy, const
   }
   auto db = need_dbias ? db_part.sum(0) : at::empty({0}, acc_opt);
   return {dx, db};
+}
+
+}  // namespace fastlm
+
+// ---- SiLU times gate ---------------------------------------------------------------------------
+//
+// y = silu(g) * u with silu(g) = g / (1 + e), e = exp(-g); backward
+//   dup   = dy * silu(g)
+//   dgate = dy * u * s (1 + g (1 - s)),  s = 1 / (1 + e),  1 - s = e s for g > 0 (no cancellation
+//           where s is near 1), 1 - s as written below (s <= 1/2 there).
+// e is not clamped: it overflows to inf for g below about -88, so silu is -0 there and NaN at
+// -inf, and s (1 + g (1 - s)) is -0 there and NaN at +-inf, all as torch's. silu(g) is formed
+// before the product with u: g * u could overflow where silu(g) * u is -0.
+// gate, up and dy may have any row stride (the halves of a fused gate_up projection are read in
+// place); when every one is contiguous the rows are walked as one, so short rows vectorise too.
+namespace fastlm {
+namespace {
+
+struct SiluRows {
+  int64_t m, n, gs, us, ds;  // rows, columns, row strides of gate, up and dy (in elements)
+};
+
+template <typename T>
+inline __m256 load_any(const T* p, int64_t n) {
+  if (n == kW) return vec::load(p);
+  alignas(32) float buf[kW];
+  load_tail(p, n, buf);
+  return _mm256_load_ps(buf);
+}
+
+template <typename T>
+inline void store_any(T* p, int64_t n, __m256 v) {
+  if (n == kW) return vec::store(p, v);
+  alignas(32) float buf[kW];
+  _mm256_store_ps(buf, v);
+  store_tail(p, n, buf);
+}
+
+// (s, e) for lanes g: s = 1 / (1 + e), e = exp(-g).
+inline __m256 sigmoid_ps(__m256 g, __m256* e_out) {
+  const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  *e_out = e;
+  return _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+
+// Calls f(row, c0, c1) over tiles of at most kCols columns, in parallel.
+template <typename F>
+void for_tiles(const SiluRows& r, F&& f) {
+  const int64_t chunks = (r.n + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(r.n, kCols));
+  at::parallel_for(0, r.m * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = (t % chunks) * kCols;
+      f(t / chunks, c0, std::min(r.n, c0 + kCols));
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_fwd(const T* g, const T* u, T* y, const SiluRows& r) {
+  for_tiles(r, [&](int64_t i, int64_t c0, int64_t c1) {
+    const T* gr = g + i * r.gs;
+    const T* ur = u + i * r.us;
+    T* yr = y + i * r.n;
+    for (int64_t j = c0; j < c1; j += kW) {
+      const int64_t w = std::min<int64_t>(kW, c1 - j);
+      const __m256 gv = load_any(gr + j, w);
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+      const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+      store_any(yr + j, w, _mm256_mul_ps(silu, load_any(ur + j, w)));
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_bwd(const T* dy, const T* g, const T* u, T* dg, T* du, const SiluRows& r) {
+  for_tiles(r, [&](int64_t i, int64_t c0, int64_t c1) {
+    const T* gr = g + i * r.gs;
+    const T* ur = u + i * r.us;
+    const T* dyr = dy + i * r.ds;
+    for (int64_t j = c0; j < c1; j += kW) {
+      const int64_t w = std::min<int64_t>(kW, c1 - j);
+      const __m256 gv = load_any(gr + j, w), d = load_any(dyr + j, w);
+      __m256 e;
+      const __m256 s = sigmoid_ps(gv, &e);
+      const __m256 pos = _mm256_cmp_ps(gv, _mm256_setzero_ps(), _CMP_GT_OQ);
+      const __m256 one_minus_s = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), s), _mm256_mul_ps(e, s), pos);
+      const __m256 dsilu = _mm256_mul_ps(s, _mm256_fmadd_ps(gv, one_minus_s, _mm256_set1_ps(1.f)));
+      store_any(dg + i * r.n + j, w, _mm256_mul_ps(_mm256_mul_ps(d, load_any(ur + j, w)), dsilu));
+      store_any(du + i * r.n + j, w, _mm256_mul_ps(d, _mm256_mul_ps(gv, s)));
+    }
+  });
+}
+
+// float64: the same formulas in plain loops (they serve gradcheck); overloads the templates above.
+void silu_mul_fwd(const double* g, const double* u, double* y, const SiluRows& r) {
+  for_tiles(r, [&](int64_t i, int64_t c0, int64_t c1) {
+    for (int64_t j = c0; j < c1; ++j) {
+      const double gv = g[i * r.gs + j];
+      y[i * r.n + j] = gv / (1.0 + std::exp(-gv)) * u[i * r.us + j];
+    }
+  });
+}
+
+void silu_mul_bwd(const double* dy, const double* g, const double* u, double* dg, double* du,
+                      const SiluRows& r) {
+  for_tiles(r, [&](int64_t i, int64_t c0, int64_t c1) {
+    for (int64_t j = c0; j < c1; ++j) {
+      const double gv = g[i * r.gs + j], d = dy[i * r.ds + j], e = std::exp(-gv);
+      const double s = 1.0 / (1.0 + e);
+      const double one_minus_s = gv > 0 ? e * s : 1.0 - s;
+      dg[i * r.n + j] = d * u[i * r.us + j] * (s * (1.0 + gv * one_minus_s));
+      du[i * r.n + j] = d * (gv * s);
+    }
+  });
+}
+
+// One tensor of silu_mul's contract: (M, N) like gate, unit column stride, any row stride.
+void check_silu_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& gate,
+                     at::DeviceType type) {
+  const auto w = where(op, type);
+  TORCH_CHECK(t.defined(), w, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device().type() == type, w, ": ", name, " must be a ", c10::DeviceTypeName(type, true),
+              " tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == gate.device(), w, ": ", name, " is on ", t.device(), " but gate is on ", gate.device());
+  TORCH_CHECK(t.dim() == 2, w, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  const bool ok = dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || (dt == at::kDouble && type == at::kCPU);
+  TORCH_CHECK(ok, w, ": ", name, " has dtype ", dt, "; this backend supports float16, bfloat16, float32",
+              type == at::kCPU ? " and float64" : "");
+  TORCH_CHECK(dt == gate.scalar_type(), w, ": ", name, " has dtype ", dt, ", expected gate's ", gate.scalar_type());
+  TORCH_CHECK(t.sizes() == gate.sizes(), w, ": ", name, " has shape ", t.sizes(), ", expected gate's ", gate.sizes());
+  const bool unit_cols = t.size(1) <= 1 || t.stride(1) == 1;
+  const bool rows_apart = t.size(0) <= 1 || t.stride(0) >= t.size(1);
+  TORCH_CHECK(t.numel() == 0 || (unit_cols && rows_apart), w, ": ", name,
+              " must have unit column stride and rows that do not overlap, got strides ", t.strides());
+  TORCH_CHECK(type == at::kCPU || (t.size(1) <= INT_MAX && t.stride(0) <= INT_MAX), w, ": ", name,
+              " has rows longer than ", INT_MAX, " elements");
+}
+
+SiluRows silu_rows(const at::Tensor& gate, const at::Tensor& up, const at::Tensor* dy) {
+  const int64_t m = gate.size(0), n = gate.size(1);
+  auto stride = [&](const at::Tensor& t) { return m <= 1 ? n : t.stride(0); };
+  SiluRows r{m, n, stride(gate), stride(up), dy ? stride(*dy) : n};
+  if (r.gs == n && r.us == n && r.ds == n) r = SiluRows{1, m * n, m * n, m * n, m * n};
+  return r;
+}
+
+}  // namespace
+
+void check_silu_mul(const char* op, const at::Tensor& gate, const at::Tensor& up, const at::Tensor* dy,
+                    at::DeviceType type) {
+  check_silu_rows(op, "gate", gate, gate, type);
+  check_silu_rows(op, "up", up, gate, type);
+  if (dy != nullptr) check_silu_rows(op, "dy", *dy, gate, type);
+}
+
+at::Tensor silu_mul_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  check_silu_mul("silu_mul_fwd", gate, up, nullptr, at::kCPU);
+  auto y = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  const SiluRows r = silu_rows(gate, up, nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_mul_fwd_cpu", [&] {
+    const auto* gp = gate.data_ptr<scalar_t>();
+    const auto* up_ = up.data_ptr<scalar_t>();
+    auto* yp = y.data_ptr<scalar_t>();
+    silu_mul_fwd(gp, up_, yp, r);  // float64 picks the plain-loop overload
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_mul_bwd_cpu(const at::Tensor& dy, const at::Tensor& gate,
+                                                    const at::Tensor& up) {
+  check_silu_mul("silu_mul_bwd", gate, up, &dy, at::kCPU);
+  const auto opts = gate.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dg = at::empty(gate.sizes(), opts), du = at::empty(gate.sizes(), opts);
+  if (dg.numel() == 0) return {dg, du};
+  const SiluRows r = silu_rows(gate, up, &dy);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_mul_bwd_cpu", [&] {
+    const auto* dyp = dy.data_ptr<scalar_t>();
+    const auto* gp = gate.data_ptr<scalar_t>();
+    const auto* up_ = up.data_ptr<scalar_t>();
+    auto* dgp = dg.data_ptr<scalar_t>();
+    auto* dup = du.data_ptr<scalar_t>();
+    silu_mul_bwd(dyp, gp, up_, dgp, dup, r);
+  });
+  return {dg, du};
 }
 
 }  // namespace fastlm

@@ -1,4 +1,5 @@
-// Bias + GELU on CUDA: fastlm::bias_gelu_fwd_cuda and bias_gelu_bwd_cuda (contract: fastlm.h).
+// Bias + GELU on CUDA: fastlm::bias_gelu_fwd_cuda and bias_gelu_bwd_cuda (contract: fastlm.h);
+// SiLU times gate (silu_mul_fwd_cuda / _bwd_cuda) at the end of the file.
 // Compiled (nvcc -arch=sm_90), not yet run on a GPU.
 //
 // Memory-bound elementwise work: every input byte read once, every output byte written once, in
@@ -19,6 +20,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 #include "cuda/common.cuh"
 #include "checks.h"
@@ -256,6 +259,153 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy, cons
     }
   });
   return {dx, db};
+}
+
+}  // namespace fastlm
+
+// ---- SiLU times gate ---------------------------------------------------------------------------
+// silu_mul_fwd_cuda / silu_mul_bwd_cuda (contract: fastlm.h). Compiled (nvcc -arch=sm_90), not yet
+// run on a GPU. The formulas and their extremes are csrc/cpu/activation.cpp's: silu(g) = g / (1 + e),
+// e = exp(-g) unclamped, so -0 below about -88 and NaN at -inf as torch's; 1 - s taken as e * s
+// for g > 0, where 1 - s would cancel. Block rows of 256 threads walk a row in packs of 16 bytes
+// when every pointer, the width and every row stride allow it (the halves of a fused gate_up
+// projection do for even widths), one element at a time otherwise; blockIdx.y steps over rows.
+// Contiguous inputs are walked as one long row, so short rows fill the blocks too.
+namespace fastlm {
+namespace {
+
+struct SiluRows {
+  int64_t m, n, gs, us, ds;  // rows, columns, row strides of gate, up and dy (in elements)
+};
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.f + __expf(-g)); }
+
+template <typename T, int VEC>
+__global__ void silu_mul_fwd_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y,
+                                    SiluRows r) {
+  const int64_t packs = r.n / VEC, step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = blockIdx.y; row < r.m; row += gridDim.y) {
+    for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += step) {
+      const int64_t c = p * VEC;
+      float gv[VEC], uv[VEC];
+      load(g + row * r.gs + c, gv);
+      load(u + row * r.us + c, uv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) gv[j] = silu_f(gv[j]) * uv[j];
+      store(y + row * r.n + c, gv);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void silu_mul_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ g, const T* __restrict__ u,
+                                    T* __restrict__ dg, T* __restrict__ du, SiluRows r) {
+  const int64_t packs = r.n / VEC, step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = blockIdx.y; row < r.m; row += gridDim.y) {
+    for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += step) {
+      const int64_t c = p * VEC;
+      float gv[VEC], uv[VEC], d[VEC];
+      load(g + row * r.gs + c, gv);
+      load(u + row * r.us + c, uv);
+      load(dy + row * r.ds + c, d);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float e = __expf(-gv[j]);
+        const float s = 1.f / (1.f + e);
+        const float one_minus_s = gv[j] > 0.f ? e * s : 1.f - s;
+        const float dsilu = s * (1.f + gv[j] * one_minus_s);
+        uv[j] = d[j] * uv[j] * dsilu;  // dgate
+        d[j] = d[j] * (gv[j] * s);     // dup
+      }
+      store(dg + row * r.n + c, uv);
+      store(du + row * r.n + c, d);
+    }
+  }
+}
+
+SiluRows silu_rows(const at::Tensor& gate, const at::Tensor& up, const at::Tensor* dy) {
+  const int64_t m = gate.size(0), n = gate.size(1);
+  auto stride = [&](const at::Tensor& t) { return m <= 1 ? n : t.stride(0); };
+  SiluRows r{m, n, stride(gate), stride(up), dy ? stride(*dy) : n};
+  if (r.gs == n && r.us == n && r.ds == n) r = SiluRows{1, m * n, m * n, m * n, m * n};
+  return r;
+}
+
+// Packs of VEC fit when the width and every row stride are multiples of VEC and the pointers align.
+template <int VEC>
+bool packs_fit(const SiluRows& r, std::initializer_list<const void*> ptrs) {
+  if (r.n % VEC || r.gs % VEC || r.us % VEC || r.ds % VEC) return false;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+// (grid, block): 256 threads along a row; enough blocks across rows and along them to fill the SMs.
+std::pair<dim3, dim3> silu_grid(const SiluRows& r, int vec, int sms) {
+  constexpr int64_t kBlock = 256;
+  const int64_t rows = std::min<int64_t>(r.m, 65535);
+  const int64_t along = ceil_div(r.n / vec, kBlock);
+  const int64_t x = std::max<int64_t>(1, std::min<int64_t>(along, ceil_div(8 * static_cast<int64_t>(sms), rows)));
+  return {dim3(static_cast<unsigned int>(std::min<int64_t>(x, INT_MAX)), static_cast<unsigned int>(rows)),
+          dim3(static_cast<unsigned int>(kBlock))};
+}
+
+}  // namespace
+
+at::Tensor silu_mul_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
+  check_silu_mul("silu_mul_fwd", gate, up, nullptr, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  auto y = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  const SiluRows r = silu_rows(gate, up, nullptr);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(gate);
+  dispatch_float(gate.scalar_type(), "silu_mul", [&](auto tag) {
+    using T = decltype(tag);
+    const T* gp = gate.data_ptr<T>();
+    const T* up_ = up.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    constexpr int kVec = 16 / sizeof(T);
+    if (packs_fit<kVec>(r, {gp, up_, yp})) {
+      const auto [grid, block] = silu_grid(r, kVec, sms);
+      silu_mul_fwd_kernel<T, kVec><<<grid, block, 0, stream>>>(gp, up_, yp, r);
+    } else {
+      const auto [grid, block] = silu_grid(r, 1, sms);
+      silu_mul_fwd_kernel<T, 1><<<grid, block, 0, stream>>>(gp, up_, yp, r);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_mul_bwd_cuda(const at::Tensor& dy, const at::Tensor& gate,
+                                                     const at::Tensor& up) {
+  check_silu_mul("silu_mul_bwd", gate, up, &dy, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  const auto opts = gate.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dg = at::empty(gate.sizes(), opts), du = at::empty(gate.sizes(), opts);
+  if (dg.numel() == 0) return {dg, du};
+  const SiluRows r = silu_rows(gate, up, &dy);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(gate);
+  dispatch_float(gate.scalar_type(), "silu_mul", [&](auto tag) {
+    using T = decltype(tag);
+    const T* dyp = dy.data_ptr<T>();
+    const T* gp = gate.data_ptr<T>();
+    const T* up_ = up.data_ptr<T>();
+    T* dgp = dg.data_ptr<T>();
+    T* dup = du.data_ptr<T>();
+    constexpr int kVec = 16 / sizeof(T);
+    if (packs_fit<kVec>(r, {dyp, gp, up_, dgp, dup})) {
+      const auto [grid, block] = silu_grid(r, kVec, sms);
+      silu_mul_bwd_kernel<T, kVec><<<grid, block, 0, stream>>>(dyp, gp, up_, dgp, dup, r);
+    } else {
+      const auto [grid, block] = silu_grid(r, 1, sms);
+      silu_mul_bwd_kernel<T, 1><<<grid, block, 0, stream>>>(dyp, gp, up_, dgp, dup, r);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dg, du};
 }
 
 }  // namespace fastlm

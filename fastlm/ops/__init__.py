@@ -2,7 +2,7 @@
 `use_backend(name)` sets it for every op called inside a block."""
 
 from fastlm.backends import BACKENDS, use_backend
-from fastlm.ops.activation import bias_gelu, linear_gelu
+from fastlm.ops.activation import bias_gelu, linear_gelu, silu_mul
 from fastlm.ops.attention import decode_attention, scaled_dot_product_attention
 from fastlm.ops.cross_entropy import linear_cross_entropy
 from fastlm.ops.embedding import embedding, token_position_embedding
@@ -12,5 +12,5 @@ from fastlm.ops.quant_matmul import quant_linear
 __all__ = [
     "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "embedding", "token_position_embedding",
     "scaled_dot_product_attention", "decode_attention", "quant_linear", "linear_cross_entropy",
-    "bias_gelu", "linear_gelu", "use_backend", "BACKENDS",
+    "bias_gelu", "linear_gelu", "silu_mul", "use_backend", "BACKENDS",
 ]

@@ -14,6 +14,16 @@ eager and compiled torch alike.
 
 linear_gelu is the first half of a Transformer MLP, gelu(linear(input, weight, bias)), for a float
 or quantized weight: on fastlm backends the bias add leaves the matmul for the GELU kernel.
+
+    silu_mul(gate, up, *, backend=None)
+
+silu_mul is the activation of a SwiGLU MLP, silu(gate) * up, for gate and up of one shape and dtype,
+from one pass over memory forward (read gate and up, write y) and one backward (read gate, up and dy,
+write both gradients; the sigmoid is recomputed, so only the inputs are saved). Torch's eager form
+runs silu, then the product, and three kernels backward. Inputs with a unit last-dim stride whose
+leading dims flatten to one row stride, such as the halves `gate_up.chunk(2, -1)` of a fused
+projection, reach the kernels without a copy; any other layout is copied first. The kernel ops are
+torch.ops.fastlm.silu_mul_fwd and torch.ops.fastlm.silu_mul_bwd.
 """
 
 from __future__ import annotations
@@ -124,3 +134,77 @@ def linear_gelu(
         return F.gelu(h, approximate=approximate)
     h = quant_linear(input, weight, backend=chosen) if quantized else F.linear(input, weight)
     return bias_gelu(h, bias, approximate, backend=chosen)
+
+
+# --- silu_mul ---------------------------------------------------------------------------------
+
+
+@kernel_op("activation")
+def silu_mul_fwd(lib, gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up for gate and up (M, N), unit column stride; see csrc/fastlm.h."""
+    return lib.silu_mul_fwd(gate, up)
+
+
+def _fake_check(op: str, gate: Tensor, up: Tensor, dy: Tensor | None = None) -> None:
+    """What the kernels check, for the fake: tensors on two devices (one of them meta) reach the
+    fake rather than a kernel, which would otherwise hand back an empty tensor for a broken call."""
+    for name, t in (("up", up), ("dy", dy)):
+        if t is not None and (t.device != gate.device or t.shape != gate.shape or t.dtype != gate.dtype):
+            raise RuntimeError(f"{op}: {name} ({t.dtype} {tuple(t.shape)} on {t.device}) must match gate "
+                               f"({gate.dtype} {tuple(gate.shape)} on {gate.device})")
+
+
+@silu_mul_fwd.register_fake
+def _(gate, up):
+    _fake_check("silu_mul_fwd", gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@kernel_op("activation")
+def silu_mul_bwd(lib, dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(dgate, dup) of silu_mul_fwd, contiguous, from one pass over dy, gate and up."""
+    return lib.silu_mul_bwd(dy, gate, up)
+
+
+@silu_mul_bwd.register_fake
+def _(dy, gate, up):
+    _fake_check("silu_mul_bwd", gate, up, dy)
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _silu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return silu_mul_bwd.via(ctx)(_rows(dy, dy.shape[-1]), gate, up)
+
+
+silu_mul_fwd.register_autograd(_silu_setup_context, _silu_backward)
+
+
+def _rows(t: Tensor, n: int) -> Tensor:
+    """t as (M, n) rows the kernels read in place (unit column stride, rows apart), else a copy."""
+    v = t.reshape(-1, n)  # a view where the leading dims flatten to one stride, else a copy
+    if (n <= 1 or v.stride(1) == 1) and (v.shape[0] <= 1 or v.stride(0) >= n):
+        return v
+    return v.contiguous()
+
+
+def _check_silu_mul(gate, up) -> None:
+    _checks.tensor("silu_mul", "gate", gate)
+    if gate.dim() < 1:
+        raise ValueError("silu_mul: gate must have at least one dimension, got a 0-d tensor")
+    _checks.like("silu_mul", "up", up, gate, "gate", shape=gate.shape)
+
+
+def silu_mul(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
+    """silu(gate) * up (the SwiGLU activation) for gate and up of one shape and dtype."""
+    _check_silu_mul(gate, up)
+    backend = backends.choose("silu_mul", gate.device, backend)
+    if backend == "torch" or gate.numel() == 0:
+        return F.silu(gate) * up
+    _checks.backend_dtype("silu_mul", backend, gate)
+    n = gate.shape[-1]
+    return silu_mul_fwd(_rows(gate, n), _rows(up, n), backend=backend).view(gate.shape)
