@@ -10,6 +10,11 @@ s + v * 2u' * s * (1 - s) needs one exponential; the exact GELU takes Phi from e
 Backward: a program walks a column strip of row tiles (stepping by the grid's height), writes dx
 and keeps its strip's share of dbias in registers; it stores one float32 partial row, and the
 partial rows are summed by torch afterwards. Partial rows instead of atomics: deterministic.
+
+SiLU times gate (silu_mul_fwd / silu_mul_bwd, csrc/fastlm.h's contract): gate, up and dy (M, N)
+with a unit column stride and any row stride, outputs contiguous; the same (M, N) tiles, one pass
+each way. silu(g) = g / (1 + e), e = exp(-g) unclamped (-0 below about -88, NaN at -inf, as
+torch's); the backward takes 1 - s as e * s for g > 0, where 1 - s would cancel.
 Tested under TRITON_INTERPRET=1 and compiled for sm_90 (tools/check_triton.py); not yet run on a GPU.
 """
 
@@ -110,6 +115,35 @@ def _bias_gelu_bwd_kernel(
         tl.store(DB_part + pid_m * N + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
+@triton.jit
+def _silu_mul_fwd_kernel(G, U, Y, M, N, stride_g, stride_u, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # silu(g) before the product: g * u could overflow where silu(g) * u is -0.
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_bwd_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_u,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    e = tl.exp(-g)
+    s = 1.0 / (1.0 + e)
+    dsilu = s * (1.0 + g * tl.where(g > 0.0, e * s, 1.0 - s))
+    offs = rows[:, None] * N + cols[None, :]
+    tl.store(DG + offs, (dy * u * dsilu).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, (dy * (g * s)).to(DU.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
@@ -185,6 +219,52 @@ def bias_gelu_bwd(
     return dx, (db_part.sum(0) if need_dbias else db_part)
 
 
+def _check_rows(name: str, t: torch.Tensor, gate: torch.Tensor) -> None:
+    _check(t.dim() == 2, f"{name} must be 2-D (M, N), got shape {tuple(t.shape)}")
+    _check(t.dtype in DTYPES, f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    _check(t.dtype == gate.dtype and t.shape == gate.shape and t.device == gate.device,
+           f"{name} ({t.dtype} {tuple(t.shape)} on {t.device}) must match gate "
+           f"({gate.dtype} {tuple(gate.shape)} on {gate.device})")
+    m, n = t.shape
+    _check(t.numel() == 0 or ((n <= 1 or t.stride(1) == 1) and (m <= 1 or t.stride(0) >= n)),
+           f"{name} must have unit column stride and rows that do not overlap, got strides {t.stride()}")
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Returns silu(gate) * up, contiguous, in gate's dtype."""
+    for name, t in (("gate", gate), ("up", up)):
+        _check_rows(name, t, gate)
+    M, N = gate.shape
+    y = torch.empty((M, N), dtype=gate.dtype, device=gate.device)
+    if y.numel() == 0:
+        return y
+    block_m, block_n, warps = tile(M, N, gate.device.type == "cuda")
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _silu_mul_fwd_kernel[grid](gate, up, y, M, N, _row_stride(gate), _row_stride(up),
+                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return y
+
+
+def silu_mul_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dgate, dup), contiguous, in gate's dtype."""
+    for name, t in (("gate", gate), ("up", up), ("dy", dy)):
+        _check_rows(name, t, gate)
+    M, N = gate.shape
+    dg = torch.empty((M, N), dtype=gate.dtype, device=gate.device)
+    du = torch.empty_like(dg)
+    if dg.numel() == 0:
+        return dg, du
+    block_m, block_n, warps = tile(M, N, gate.device.type == "cuda")
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _silu_mul_bwd_kernel[grid](dy, gate, up, dg, du, M, N, _row_stride(dy), _row_stride(gate), _row_stride(up),
+                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return dg, du
+
+
 # ---------------------------------------------------------------------------------------------
 # Compile specs: the variants tools/check_triton.py compiles for sm_90, restating the launchers' choices
 
@@ -212,4 +292,27 @@ def compile_specs() -> list[Spec]:
                             {"HAS_B": has_b, "NEED_DB": need_db, "TANH": tanh, "BLOCK_M": block_m,
                              "BLOCK_N": block_n}, warps, div,
                         ))
+    return specs + _silu_mul_specs()
+
+
+def _silu_mul_specs() -> list[Spec]:
+    specs = []
+    for dt in SPEC_DTYPES:
+        # A Llama MLP's width, read as halves of a fused (M, 2N) projection (row stride 2N, aligned),
+        # and a ragged one (masked columns, unaligned rows).
+        for N, aligned in ((11008, True), (1000, False)):
+            block_m, block_n, warps = tile(8192, N, True)
+            div = ("N", "stride_g", "stride_u") if aligned else ()
+            consts = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+            specs.append(Spec(
+                f"silu_mul_fwd[N={N}]", dt, _silu_mul_fwd_kernel,
+                {"G": f"*{dt}", "U": f"*{dt}", "Y": f"*{dt}", "M": "i32", "N": "i32", "stride_g": "i32",
+                 "stride_u": "i32"}, consts, warps, div,
+            ))
+            specs.append(Spec(
+                f"silu_mul_bwd[N={N}]", dt, _silu_mul_bwd_kernel,
+                {"DY": f"*{dt}", "G": f"*{dt}", "U": f"*{dt}", "DG": f"*{dt}", "DU": f"*{dt}", "M": "i32",
+                 "N": "i32", "stride_dy": "i32", "stride_g": "i32", "stride_u": "i32"},
+                consts, warps, (*div, "stride_dy") if aligned else (),
+            ))
     return specs
