@@ -3,9 +3,9 @@
 from fastlm.nn.attention import MultiheadAttention
 from fastlm.nn.embedding import Embedding
 from fastlm.nn.linear import QuantLinear
-from fastlm.nn.mlp import MLP
+from fastlm.nn.mlp import MLP, SwiGLU
 from fastlm.nn.norm import LayerNorm, RMSNorm
 from fastlm.nn.self_attention import CausalSelfAttention
 
 __all__ = ["LayerNorm", "RMSNorm", "Embedding", "MultiheadAttention", "CausalSelfAttention", "QuantLinear",
-           "MLP"]
+           "MLP", "SwiGLU"]
