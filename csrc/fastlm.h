@@ -84,6 +84,15 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                             const OptTensor& zeros, const OptTensor& bias, int64_t bits,
                             int64_t group_size);
 
+// The same product with x quantized to int8 per block of 32 along K (d = absmax / 127) and int32
+// dot products (csrc/cpu/quant_dot.h): K a multiple of 32, int4 group_size 32, 64 or 128. scales
+// (and zeros) may also be bfloat16 or float16. quant_dot_isa(force) names the instruction set it
+// runs (force: -1 query, 0 automatic, 1 avx2, 2 avx512_vnni, 3 avx_vnni).
+at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                const OptTensor& zeros, const OptTensor& bias, int64_t bits,
+                                int64_t group_size);
+std::string quant_dot_isa(int64_t force);
+
 // Bias + GELU: y = gelu(x + bias) for x (M, N) contiguous and bias (N) in x's dtype or absent;
 // tanh picks the tanh approximation, else the exact (erf) GELU. Computed in float32 (float64 for
 // float64 input), x + bias never rounded to x's dtype. Returns y in x's dtype.

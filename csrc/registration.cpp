@@ -22,6 +22,9 @@ TORCH_LIBRARY(fastlm_C, m) {
         " -> Tensor");
   m.def("quant_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits,"
         " int group_size) -> Tensor");
+  m.def("quant_matmul_dot(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits,"
+        " int group_size) -> Tensor");
+  m.def("quant_dot_isa(int force) -> str", &fastlm::quant_dot_isa);
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor, Tensor)");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
@@ -42,6 +45,7 @@ TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cpu);
   m.impl("silu_mul_fwd", &fastlm::silu_mul_fwd_cpu);
   m.impl("silu_mul_bwd", &fastlm::silu_mul_bwd_cpu);
+  m.impl("quant_matmul_dot", &fastlm::quant_matmul_dot_cpu);
 }
 
 #ifdef FASTLM_WITH_CUDA

@@ -64,8 +64,16 @@ def versions() -> dict:
     }
 
 
+def quant_isa() -> str | None:
+    """The instruction set the CPU's integer quantized matmul runs (None without the extension)."""
+    if backends.extension_error():
+        return None
+    return torch.ops.fastlm_C.quant_dot_isa(-1)
+
+
 def summary(device: torch.device) -> dict:
-    d = {**versions(), "cpu": cpu_model(), "cpu_threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
+    d = {**versions(), "cpu": cpu_model(), "cpu_threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
+         "quant_isa": quant_isa()}
     if device.type == "cuda":
         d["gpu"] = torch.cuda.get_device_name(device)
     return d
@@ -88,6 +96,9 @@ def report() -> str:
         built = f", built for torch {info['torch']}" if info else ""
         lines.append(f"extension: {path} loaded (CPU kernels, {cuda}{why}{built})")
     lines.append(f"cpu: {cpu_model()}, {torch.get_num_threads()} threads, features: {' '.join(cpu_flags())}")
+    if (isa := quant_isa()) is not None:
+        lines.append(f"quantized matmul on cpu: act_quant=True runs {isa} integer dot products "
+                     f"(x to int8 per block of 32); act_quant=False runs AVX2 float")
     if torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         lines.append(f"cuda: {', '.join(gpus)}")

@@ -49,7 +49,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
 
 def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
               skip: Callable[[str, torch.nn.Module], bool] | None = None, *,
-              quantize_tied: bool = False) -> torch.nn.Module:
+              quantize_tied: bool = False, act_quant: bool = False,
+              scale_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Replace every torch.nn.Linear of model, in place, by a fastlm.nn.QuantLinear holding its
     quantized weight (and its bias, still a float Parameter). Returns the model.
 
@@ -57,6 +58,8 @@ def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symm
     Parameter of an nn.Embedding (a tied LM head) is left unquantized unless quantize_tied:
     quantizing it would untie the pair and keep a float copy for the embedding anyway.
     A layer whose in_features does not fit the format raises ValueError naming it (use skip).
+    act_quant and scale_dtype are QuantLinear's: the CPU integer path (inputs quantized to int8
+    per block of 32) and 16-bit scales (fastlm/quant.py).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize_: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -75,7 +78,8 @@ def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symm
                              f"quantized: {e}; leave it out with skip=") from None
         targets.append((name, mod))
     for name, mod in targets:
-        new = nn.QuantLinear.from_linear(mod, bits=bits, group_size=group_size, symmetric=symmetric)
+        new = nn.QuantLinear.from_linear(mod, bits=bits, group_size=group_size, symmetric=symmetric,
+                                         act_quant=act_quant, scale_dtype=scale_dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -9,8 +9,10 @@ The format (every backend reads exactly this; csrc/fastlm.h states the same cont
 A float weight W of shape (N, K) (out_features, in_features, as in nn.Linear) is stored as
 
     qweight   the quantized values, row n holding output channel n
-    scales    float32 (N, K // group_size): one scale per group of group_size consecutive k
-    zeros     float32 (N, K // group_size) zero points, or None (symmetric: implicit zero)
+    scales    (N, K // group_size): one scale per group of group_size consecutive k, float32,
+              or bfloat16 / float16 ("16-bit scales", quantize(scale_dtype=...)): int4 g32 then
+              moves 4.5 bits per weight instead of 5
+    zeros     (N, K // group_size) zero points in scales' dtype, or None (symmetric: implicit zero)
     W[n, k] = (q[n, k] - zero[n, k // group_size]) * scales[n, k // group_size]
 
 int8 (bits=8): symmetric, per output channel, so group_size == K and scales is (N, 1).
@@ -29,8 +31,11 @@ int4 (bits=4): in groups of group_size consecutive k (32, 64 or 128; K must be d
         q = clamp(round(W / s) + z, 0, 15).
 
 Either way every weight is within half a scale of its dequantized value: |W - dequant| <= s / 2
-(up to float rounding). A group whose weights are all zero gets scale 1, so dequantizes to
-exact zeros.
+(up to float rounding). With 16-bit scales the scale is rounded to its dtype first and q computed
+against the rounded scale, so the bound holds with the stored s (a group's largest weight moves
+at most 7 or 127 times the scale's rounding, 2^-8 of it for bf16, still under half a step).
+fp16 scales need every scale within fp16's range: quantize raises otherwise. A group whose
+weights are all zero gets scale 1, so dequantizes to exact zeros.
 
 Non-finite weights are not an error but stay visible: a group holding a NaN or an infinity gets
 a NaN or infinite scale (its stored values are 0), so the whole group dequantizes to NaN, and
@@ -55,6 +60,7 @@ __all__ = ["QuantizedWeight", "quantize", "dequantize", "check_format", "GROUP_S
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The int4 group sizes every backend runs (the CPU kernel would take any divisor of K).
 GROUP_SIZES = (32, 64, 128)
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass
@@ -113,18 +119,36 @@ def check_format(op: str, qw) -> None:
     for name, t in (("scales", qw.scales), ("zeros", qw.zeros)):
         if t is None:
             continue
-        if t.dtype != torch.float32 or tuple(t.shape) != (n, k // g):
-            raise ValueError(f"{op}: {name} must be float32 of shape {(n, k // g)}, "
+        if t.dtype not in SCALE_DTYPES or tuple(t.shape) != (n, k // g):
+            raise ValueError(f"{op}: {name} must be float32, bfloat16 or float16 of shape {(n, k // g)}, "
                              f"got {t.dtype} of shape {tuple(t.shape)}")
+        if t.dtype != qw.scales.dtype:
+            raise ValueError(f"{op}: zeros must have scales' dtype {qw.scales.dtype}, got {t.dtype}")
         if t.device != qw.qweight.device:
             raise ValueError(f"{op}: {name} is on {t.device} but qweight is on {qw.qweight.device}")
     if qw.bits == 8 and qw.zeros is not None:
         raise ValueError(f"{op}: int8 weights are symmetric: zeros must be None")
 
 
-def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
+def _round_scales(s: Tensor, scale_dtype: torch.dtype) -> Tensor:
+    """s rounded to scale_dtype and back to float32, for q to be computed against the stored scale."""
+    if scale_dtype == torch.float32:
+        return s
+    r = s.to(scale_dtype)
+    bad = (r == 0) | (r.isinf() & s.isfinite())
+    if bool(bad.any()):
+        raise ValueError(f"quantize: a scale ({float(s[bad].flatten()[0]):.3g}) is outside {scale_dtype}'s range; "
+                         "use scale_dtype=torch.bfloat16 or torch.float32")
+    return r.float()
+
+
+def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bool = True,
+             scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """Quantize a float (N, K) weight. For bits=8, group_size is ignored (per output channel)
-    and only symmetric quantization exists."""
+    and only symmetric quantization exists. scale_dtype: float32, or bfloat16 / float16 for
+    16-bit scales (and zeros)."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"quantize: scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
     if not isinstance(weight, Tensor):
         raise TypeError(f"quantize: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in _FLOAT:
@@ -142,11 +166,12 @@ def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bo
         qmin, qmax = (-127, 127) if bits == 8 else (-8, 7)
         s = w.abs().amax(-1, keepdim=True) / qmax
         # `s == 0`, not `s > 0`: a NaN scale must stay NaN (see "Non-finite weights" above).
-        s = torch.where(s == 0, torch.ones_like(s), s)
+        s = _round_scales(torch.where(s == 0, torch.ones_like(s), s), scale_dtype)
         # NaN -> 0: casting NaN to an integer is undefined; the scale carries the NaN.
         q = torch.clamp(torch.round(w / s), qmin, qmax).nan_to_num_(0.0)
         if bits == 8:
-            return QuantizedWeight(q.reshape(n, k).to(torch.int8).contiguous(), s.reshape(n, 1).contiguous(),
+            return QuantizedWeight(q.reshape(n, k).to(torch.int8).contiguous(),
+                                   s.reshape(n, 1).to(scale_dtype).contiguous(),
                                    None, 8, k, (n, k))
         q = q + 8
         z = None
@@ -154,14 +179,15 @@ def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bo
         lo = w.amin(-1, keepdim=True).clamp(max=0)
         hi = w.amax(-1, keepdim=True).clamp(min=0)
         s = (hi - lo) / 15
-        s = torch.where(s == 0, torch.ones_like(s), s)
+        s = _round_scales(torch.where(s == 0, torch.ones_like(s), s), scale_dtype)
         z = torch.clamp(torch.round(-lo / s), 0, 15)
         q = torch.clamp(torch.round(w / s) + z, 0, 15).nan_to_num_(0.0)
     q = q.reshape(n, k).to(torch.uint8)
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
     groups = k // group_size  # not -1: a weight of no rows has no size to infer
-    return QuantizedWeight(packed, s.reshape(n, groups).contiguous(),
-                           None if z is None else z.reshape(n, groups).contiguous(), 4, group_size, (n, k))
+    return QuantizedWeight(packed, s.reshape(n, groups).to(scale_dtype).contiguous(),
+                           None if z is None else z.reshape(n, groups).to(scale_dtype).contiguous(), 4, group_size,
+                           (n, k))
 
 
 def unpack(qw: QuantizedWeight) -> Tensor:
@@ -189,8 +215,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tenso
 
 
 def ideal_speedup(n: int, k: int, bits: int, group_size: int, symmetric: bool = True,
-                  dense_bytes_per_value: int = 4) -> float:
+                  dense_bytes_per_value: int = 4, scale_bytes: int = 4) -> float:
     """Dense weight bytes over quantized weight bytes: the most a memory-bound matmul can gain."""
     groups = k // (k if bits == 8 else group_size)
-    q = n * k * bits / 8 + n * groups * 4 * (1 if symmetric else 2)
+    q = n * k * bits / 8 + n * groups * scale_bytes * (1 if symmetric else 2)
     return n * k * dense_bytes_per_value / q if q else math.inf

@@ -143,6 +143,20 @@ def quant_linear(x, weight, bias=None) -> Tensor:
     return y if bias is None else y + bias.to(F64)
 
 
+def act_quant(x, block: int = 32) -> Tensor:
+    """x (..., K) as the CPU integer path sees it, in float64: per block of `block` along K,
+    d = absmax / 127 and q = round(x * (127 / absmax)) (ties to even), both rounded in float32 as
+    the kernel computes them; the value is q * d. A block holding a NaN or an infinity is NaN."""
+    xf = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv).to(F64)
+    d = (amax / 127).to(F64)
+    out = q * d
+    out = torch.where(xf.isfinite().all(-1, keepdim=True), out, torch.full_like(out, float("nan")))
+    return out.reshape(x.shape)
+
+
 # --- cross-entropy ------------------------------------------------------------------------------
 
 

@@ -216,7 +216,7 @@ def test_quant_linear_errors(backend, device):
     with pytest.raises(ValueError, match="bias is on meta"):
         ops.quant_linear(x, qw, torch.randn(N, device="meta"), backend=backend)
     broken = QuantizedWeight(qw.qweight, qw.scales[:, :1].contiguous(), None, 4, 32, (N, 64))
-    with pytest.raises(ValueError, match="scales must be float32 of shape"):
+    with pytest.raises(ValueError, match="scales must be float32, bfloat16 or float16 of shape"):
         ops.quant_linear(x, broken, backend=backend)
     if torch.float64 not in QM_DTYPES[backend]:
         with pytest.raises(TypeError, match=f"backend '{backend}' supports input dtypes"):

@@ -31,8 +31,8 @@
 // x_even lo + x_odd hi, as before, at one extra rounding of x per even k; one vector op of six per
 // 16 weights, measured 5-7% faster for a 4096 x 4096 GEMV from memory.
 //
-// VNNI (int8 dot products) is not used: it would need x quantized to int8, which changes the
-// result, and this AVX2 code targets machines without it.
+// This is the exact path: x stays float. quant_dot.cpp is the integer one (x quantized to int8
+// per block, VNNI where the CPU has it), chosen per call by fastlm.ops.quant_linear(act_quant=).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -40,6 +40,7 @@
 #include <atomic>
 #include <vector>
 
+#include "cpu/quant_dot.h"
 #include "cpu/vec.h"
 #include "fastlm.h"
 
@@ -180,19 +181,28 @@ void gemv_row(const Problem& p, int64_t n) {
 
 // Rows are handed out in chunks of about 64 KiB from a shared counter rather than split evenly in
 // advance: a thread that wakes late (a millisecond is not rare on a busy VM, against a 1 ms call)
-// then takes fewer chunks instead of finishing last with a full share.
+// then takes fewer chunks instead of finishing last with a full share, and one that has not woken
+// by the time the last chunk is claimed is not waited for (qdot::parallel_chunks).
+struct GemvCtx {
+  const Problem* p;
+  int64_t rows;
+};
+
+template <int BITS, int MB, int U, int BPG>
+void gemv_chunk(void* v, int64_t c) {
+  const GemvCtx& cx = *static_cast<const GemvCtx*>(v);
+  const Problem& p = *cx.p;
+  for (int64_t n = c * cx.rows, e = std::min(p.n, n + cx.rows); n < e; ++n) gemv_row<BITS, MB, U, BPG>(p, n);
+}
+
 template <int BITS, int MB, int U, int BPG>
 void gemv_bpg(const Problem& p) {
   const int64_t rows = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, p.row_bytes));
   const int64_t chunks = (p.n + rows - 1) / rows;
-  // Serial below ~256 KiB of weights, where waking a thread costs more than it saves.
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, chunks / 4));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      for (int64_t n = c * rows, e = std::min(p.n, n + rows); n < e; ++n) gemv_row<BITS, MB, U, BPG>(p, n);
-    }
-  });
+  // Alone below ~256 KiB of weights, where waking a thread costs more than it saves.
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, chunks / 4)) - 1;
+  GemvCtx cx{&p, rows};
+  qdot::parallel_chunks(chunks, static_cast<int>(helpers), gemv_chunk<BITS, MB, U, BPG>, &cx);
 }
 
 template <int BITS, int MB, int U>

@@ -11,6 +11,16 @@ Every backend but "torch" runs the kernel op (fastlm/ops/_dispatch.py) registere
 torch.ops.fastlm.quant_matmul, over the input flattened to (M, K). The "torch" backend is the
 reference: dequantize, then F.linear.
 
+With act_quant=True the CPU backend quantizes the input too: to int8 per block of 32 along K
+(d = absmax / 127, the rows of x separately) once per call, and multiplies in int32
+(torch.ops.fastlm.quant_matmul_dot; csrc/cpu/quant_dot.h). That adds the input's rounding,
+at most d / 2 per element (README, "Quantization", has the measured error), and is what makes
+the matmul memory-bound at small M. It runs for M <= 64 and K a multiple of 32; larger M, and
+every other backend, take the float path, whose result does not depend on act_quant.
+
+Scales (and zeros) may be bfloat16 or float16 (fastlm/quant.py): the integer CPU kernel reads
+them as stored; the float paths widen them to float32 first.
+
 Backward gives the input gradient dx = dy dequant(W), computed in torch by dequantizing the
 weight (in dy's dtype) and a dense matmul, and the bias gradient when the bias needs one. The
 packed weight is a constant: it gets no gradient.
@@ -47,9 +57,25 @@ def quant_matmul(
     return lib.quant_matmul(x, qweight, scales, zeros, bias, bits, group_size)
 
 
-@quant_matmul.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size):
+@kernel_op("quant_matmul")
+def quant_matmul_dot(
+    lib, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
+    bits: int, group_size: int,
+) -> Tensor:
+    """quant_matmul with x quantized to int8 per block of 32 and integer dot products (CPU only)."""
+    return lib.quant_matmul_dot(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+def _fake(x, qweight, scales, zeros, bias, bits, group_size):
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+quant_matmul.register_fake(_fake)
+quant_matmul_dot.register_fake(_fake)
+
+# The largest M the integer kernel takes: past it the float path's blocked GEMM, which reuses
+# each dequantized weight tile across 128 rows of x, is as fast (fastlm/bench/quant_matmul.py).
+DOT_MAX_M = 64
 
 
 def _setup_context(ctx, inputs, output):
@@ -69,6 +95,7 @@ def _backward(ctx, dy):
 
 
 quant_matmul.register_autograd(_setup_context, _backward)
+quant_matmul_dot.register_autograd(_setup_context, _backward)
 
 # --- the public function ----------------------------------------------------------------------
 
@@ -86,8 +113,9 @@ def _check(op: str, input, weight, bias) -> None:
 
 
 def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = None, *,
-                 backend: str | None = None) -> Tensor:
-    """torch.nn.functional.linear with a quantized weight, on the chosen backend."""
+                 backend: str | None = None, act_quant: bool = False) -> Tensor:
+    """torch.nn.functional.linear with a quantized weight, on the chosen backend; act_quant: the
+    CPU backend's integer path (see the module docstring)."""
     op = "quant_linear"
     _check(op, input, weight, bias)
     backend = backends.choose(op, input.device, backend)
@@ -99,8 +127,11 @@ def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
         return F.linear(input, quant.dequantize(weight, input.dtype), bias)
     # Plain calls where they do nothing: at decode sizes this function's own cost shows.
     x2 = (input if input.dim() == 2 else input.reshape(-1, k)).contiguous()
-    args = (x2, weight.qweight.contiguous(), weight.scales.contiguous(),
-            None if weight.zeros is None else weight.zeros.contiguous(),
+    scales, zeros = weight.scales, weight.zeros
+    dot = act_quant and backend == "cpu" and x2.shape[0] <= DOT_MAX_M and k % 32 == 0
+    if not dot and scales.dtype != torch.float32:
+        scales, zeros = scales.float(), None if zeros is None else zeros.float()
+    args = (x2, weight.qweight.contiguous(), scales.contiguous(), None if zeros is None else zeros.contiguous(),
             None if bias is None else bias.contiguous(), weight.bits, weight.group_size)
-    y = quant_matmul(*args, backend=backend)
+    y = (quant_matmul_dot if dot else quant_matmul)(*args, backend=backend)
     return y if input.dim() == 2 else y.view(*input.shape[:-1], n)

@@ -1,0 +1,407 @@
+// The integer-dot quantized linear on the CPU (quant_matmul_dot): x quantized to int8 per block
+// of 32 once per call, then int32 dot products against the packed int8 / int4 weights, scaled
+// per block (quant_dot.h). Against the float path (quant_matmul.cpp) it trades the exactness of x
+// for doing no per-weight float work: a weight is unpacked to a byte, never to a float, and one
+// instruction (vpdpbusd) or two (vpmaddubsw + vpmaddwd) multiply and sum 32 or 64 of them.
+//
+// The instruction set is chosen at run time: AVX-512 VNNI, else AVX-VNNI, else AVX2, by CPUID
+// (__builtin_cpu_supports, which also checks that the OS saves the wider registers).
+// FASTLM_QUANT_ISA=avx2|avx_vnni|avx512_vnni, or torch.ops.fastlm_C.quant_dot_isa, forces one.
+//
+// Threads: rows of W in chunks of about 64 KiB, claimed from a shared counter (parallel_chunks);
+// for M > 1 a chunk's rows are walked once per 4 rows of x, so the chunk's bytes come from memory
+// once and from L2 after that, and each unpacked 64-byte step serves up to 4 rows of x at once.
+#include <ATen/Parallel.h>
+#include <pthread.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu/quant_dot.h"
+#include "cpu/vec.h"
+#include "fastlm.h"
+
+namespace fastlm {
+namespace qdot {
+
+// --- the pool -----------------------------------------------------------------------------------
+
+namespace {
+
+struct Job {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+  int helpers = 0;
+  void (*fn)(void*, int64_t) = nullptr;
+  void* ctx = nullptr;
+};
+
+// Claims chunks until none is left. fn and ctx point into the caller's frame, which outlives
+// every claimed chunk: the caller returns only when `done` has counted them all.
+void work(Job& j) {
+  for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
+    j.fn(j.ctx, c);
+    j.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+class Pool {
+ public:
+  void run(int64_t chunks, int helpers, void (*fn)(void*, int64_t), void* ctx) {
+    auto job = std::make_shared<Job>();
+    job->chunks = chunks;
+    job->helpers = helpers;
+    job->fn = fn;
+    job->ctx = ctx;
+    grow(helpers);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work(*job);
+    // Wait only for chunks that were claimed: a helper still asleep holds none.
+    for (int spin = 0; job->done.load(std::memory_order_acquire) < chunks; ++spin) {
+      if (spin < 4096) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  void grow(int helpers) {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (static_cast<int>(started_) < helpers) {
+      const int index = started_++;
+      // Detached: the pool lives as long as the process (a fork's child builds a new one).
+      std::thread([this, index] { loop(index); }).detach();
+    }
+  }
+
+  void loop(int index) {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      // Spin a little before sleeping: a decode step calls again within microseconds.
+      for (int spin = 0; spin < 20000 && gen_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        seen = gen_.load(std::memory_order_acquire);
+        job = job_;
+      }
+      if (job && index < job->helpers) work(*job);
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::shared_ptr<Job> job_;
+  int started_ = 0;
+};
+
+std::atomic<Pool*> g_pool{nullptr};
+
+Pool& pool() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    g_pool.store(new Pool());
+    // The child of a fork has none of the parent's threads: it starts an empty pool.
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(new Pool()); });
+  });
+  return *g_pool.load();
+}
+
+}  // namespace
+
+void parallel_chunks(int64_t chunks, int helpers, void (*fn)(void*, int64_t), void* ctx) {
+  if (helpers <= 0 || chunks <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
+    return;
+  }
+  pool().run(chunks, helpers, fn, ctx);
+}
+
+// --- the instruction set ------------------------------------------------------------------------
+
+namespace {
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+    case Isa::avx512_vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case Isa::avx_vnni:
+      return __builtin_cpu_supports("avxvnni") && __builtin_cpu_supports("avx2");
+    default:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512_vnni: return "avx512_vnni";
+    case Isa::avx_vnni: return "avx_vnni";
+    default: return "avx2";
+  }
+}
+
+Isa best_isa() {
+  if (const char* env = std::getenv("FASTLM_QUANT_ISA")) {
+    for (Isa isa : {Isa::avx2, Isa::avx_vnni, Isa::avx512_vnni}) {
+      if (std::strcmp(env, isa_name(isa)) == 0 && cpu_has(isa)) return isa;
+    }
+  }
+  for (Isa isa : {Isa::avx512_vnni, Isa::avx_vnni}) {
+    if (cpu_has(isa)) return isa;
+  }
+  return Isa::avx2;
+}
+
+std::atomic<int> g_isa{0};  // 0: not chosen yet
+
+Isa current_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = static_cast<int>(best_isa());
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return static_cast<Isa>(v);
+}
+
+RowsFn rows_fn(Isa isa) {
+  switch (isa) {
+    case Isa::avx512_vnni: return rows_avx512;
+    case Isa::avx_vnni: return rows_avxvnni;
+    default: return rows_avx2;
+  }
+}
+
+// --- activation quantization --------------------------------------------------------------------
+
+// One block of 32 floats to int8: d = absmax / 127, q = round(x / d) (ties to even), and the sum
+// of q. A block holding a NaN or an infinity gets d = NaN and q = 0, so that every output it
+// touches is NaN rather than a finite number.
+template <typename T>
+inline void quant_block(const T* x, __m256i& q, float& d, int32_t& sum) {
+  __m256 f[4];
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int i = 0; i < 4; ++i) {
+    f[i] = vec::load(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, f[i]));
+    bad = _mm256_add_ps(bad, _mm256_mul_ps(f[i], _mm256_setzero_ps()));  // NaN for inf or NaN
+  }
+  const bool finite = _mm256_movemask_ps(_mm256_cmp_ps(bad, bad, _CMP_UNORD_Q)) == 0;
+  float m;
+  {
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_max_ss(t, _mm_movehdup_ps(t));
+    m = _mm_cvtss_f32(t);
+  }
+  if (!finite) {
+    q = _mm256_setzero_si256();
+    d = std::numeric_limits<float>::quiet_NaN();
+    sum = 0;
+    return;
+  }
+  d = m / 127.f;
+  const __m256 inv = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
+  __m256i i[4];
+  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(f[j], inv));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+  sum = _mm_cvtsi128_si32(s4);
+  // packs interleave the 128-bit lanes; the permutation puts k back in order.
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  q = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+struct ActBuf {
+  int8_t* q;
+  float *d, *de, *corr;
+};
+
+// Row i of x into the kernel order of quant_dot.h, its block scales, their per-lane copies and
+// the zero-point sums.
+template <typename T>
+void quant_row(const T* x, int64_t k, int bits, int64_t group, int sb, const ActBuf& a, int64_t i) {
+  const int64_t nb = k / kBlock, groups = k / group, lanes = bits == 4 ? 4 : 8;
+  int8_t* q = a.q + i * k;
+  float* d = a.d + i * nb;
+  float* de = a.de + i * nb * lanes;
+  float* corr = bits == 4 ? a.corr + i * groups : a.corr + i;
+  // Even k to the low 8 bytes of each 128-bit lane, odd k to the high 8.
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  double total = 0.0;
+  if (bits == 4) std::fill(corr, corr + groups, 0.f);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v;
+    int32_t sum;
+    quant_block(x + b * kBlock, v, d[b], sum);
+    for (int64_t l = 0; l < lanes; ++l) de[b * lanes + l] = d[b];
+    if (bits == 8) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), v);
+      total += static_cast<double>(d[b]) * sum;
+      continue;
+    }
+    corr[b * kBlock / group] += d[b] * static_cast<float>(sum);
+    // [even 0..14, even 16..30 | odd 1..15, odd 17..31]
+    const __m256i eo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xd8);
+    const int64_t full = nb / sb * sb;
+    const int64_t s = b < full ? sb : 1;           // this block's super-block width
+    const int64_t base = b < full ? b / sb * sb : b;  // its first block
+    int8_t* o = q + base * kBlock;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + (b - base) * 16), _mm256_castsi256_si128(eo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + (s + b - base) * 16), _mm256_extracti128_si256(eo, 1));
+  }
+  if (bits == 8) *corr = static_cast<float>(128.0 * total);
+}
+
+}  // namespace
+}  // namespace qdot
+
+std::string quant_dot_isa(int64_t force) {
+  using qdot::Isa;
+  if (force == 0) qdot::g_isa.store(static_cast<int>(qdot::best_isa()));
+  if (force > 0) {
+    TORCH_CHECK(force <= 3, "quant_dot_isa: force must be -1 (query), 0 (automatic), 1 (avx2), 2 (avx512_vnni) "
+                "or 3 (avx_vnni), got ", force);
+    TORCH_CHECK(qdot::cpu_has(static_cast<Isa>(force)), "quant_dot_isa: this CPU has no ",
+                qdot::isa_name(static_cast<Isa>(force)));
+    qdot::g_isa.store(static_cast<int>(force));
+  }
+  return qdot::isa_name(qdot::current_isa());
+}
+
+namespace {
+
+struct Ctx {
+  const qdot::Problem* p;
+  qdot::RowsFn fn;
+  int64_t rows;  // rows of W per chunk
+};
+
+void run_chunk(void* v, int64_t c) {
+  const Ctx& cx = *static_cast<const Ctx*>(v);
+  const int64_t n0 = c * cx.rows, n1 = std::min(cx.p->n, n0 + cx.rows);
+  for (int64_t m0 = 0; m0 < cx.p->m; m0 += 4) {
+    cx.fn(*cx.p, n0, n1, m0, static_cast<int>(std::min<int64_t>(4, cx.p->m - m0)));
+  }
+}
+
+qdot::ScaleType scale_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return qdot::ScaleType::bf16;
+    case at::kHalf: return qdot::ScaleType::f16;
+    default: return qdot::ScaleType::f32;
+  }
+}
+
+}  // namespace
+
+at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                const OptTensor& zeros, const OptTensor& bias, int64_t bits,
+                                int64_t group_size) {
+  using namespace qdot;
+  const char* op = "quant_matmul_dot";
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(k % kBlock == 0, op, ": K (x.size(1)) must be a multiple of ", kBlock, ", got ", k);
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.dim() == 2 && qweight.is_contiguous(), op,
+              ": qweight must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(qweight.scalar_type() == (bits == 8 ? at::kChar : at::kByte), op, ": qweight must be ",
+              bits == 8 ? "int8" : "uint8", " for ", bits, "-bit weights, got ", qweight.scalar_type());
+  const int64_t n = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) * (bits == 4 ? 2 : 1) == k, op, ": qweight has ", qweight.size(1),
+              " columns, which does not match K = ", k, " for ", bits, "-bit weights");
+  if (bits == 8) {
+    TORCH_CHECK(group_size == k, op, ": group_size must be K = ", k, " for int8 weights, got ", group_size);
+  } else {
+    TORCH_CHECK((group_size == 32 || group_size == 64 || group_size == 128) && k % group_size == 0, op,
+                ": int4 group_size must be 32, 64 or 128 and divide K = ", k, ", got ", group_size);
+  }
+  const int64_t groups = k / group_size;
+  const auto st = scales.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": scales must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == n &&
+              scales.size(1) == groups, op, ": scales must be a contiguous CPU tensor of shape (", n, ", ", groups, ")");
+  const bool has_zeros = zeros && zeros->defined();
+  if (has_zeros) {
+    TORCH_CHECK(bits == 4, op, ": zeros must be absent for int8 weights");
+    TORCH_CHECK(zeros->scalar_type() == st && zeros->device().is_cpu() && zeros->is_contiguous() &&
+                zeros->sizes() == scales.sizes(), op, ": zeros must be contiguous, of scales' dtype and shape");
+  }
+  const bool has_bias = bias && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n &&
+                bias->scalar_type() == x.scalar_type(), op, ": bias must be of shape (", n, ") and x's dtype");
+  }
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (m == 0 || n == 0) return y.to(x.scalar_type());
+
+  const Isa isa = current_isa();
+  const int64_t nb = k / kBlock, lanes = bits == 4 ? 4 : 8, ncorr = bits == 4 ? groups : 1;
+  // One float buffer: d (M, nb), de (M, nb * lanes), corr (M, ncorr), then q (M, K) bytes.
+  const int64_t floats = m * (nb + nb * lanes + ncorr);
+  at::Tensor work = at::empty({floats + (m * k + 3) / 4}, y.options());
+  float* base = work.data_ptr<float>();
+  const ActBuf a{reinterpret_cast<int8_t*>(base + floats), base, base + m * nb, base + m * nb * (1 + lanes)};
+  const int sb = super_blocks(isa);
+  const auto quantize_x = [&](const auto* xp) {
+    const auto rows = [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) quant_row(xp + i * k, k, static_cast<int>(bits), group_size, sb, a, i);
+    };
+    if (m > 4) {
+      at::parallel_for(0, m, 1, rows);
+    } else {
+      rows(0, m);
+    }
+  };
+  if (x.scalar_type() == at::kFloat) {
+    quantize_x(x.data_ptr<float>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    quantize_x(x.data_ptr<c10::BFloat16>());
+  } else {
+    quantize_x(x.data_ptr<c10::Half>());
+  }
+  at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+
+  const Problem p{Act{a.q, a.d, a.de, a.corr},
+                  static_cast<const uint8_t*>(qweight.data_ptr()),
+                  scales.data_ptr(),
+                  has_zeros ? zeros->data_ptr() : nullptr,
+                  has_bias ? bias_f.data_ptr<float>() : nullptr,
+                  y.data_ptr<float>(),
+                  m, n, k, group_size, groups, qweight.size(1), static_cast<int>(bits), scale_type(scales)};
+  const int64_t row_bytes = qweight.size(1);
+  const int64_t rows = std::max<int64_t>(1, (1 << 16) / row_bytes);
+  const int64_t chunks = (n + rows - 1) / rows;
+  // Alone below ~256 KiB of weights (times rows of x), where waking a thread costs more than it saves.
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, chunks * std::min<int64_t>(m, 4) / 4 - 1);
+  Ctx cx{&p, rows_fn(isa), rows};
+  parallel_chunks(chunks, static_cast<int>(std::max<int64_t>(0, helpers)), run_chunk, &cx);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace fastlm

@@ -1,0 +1,67 @@
+// The integer-dot quantized linear on the CPU (quant_dot.cpp drives it; the kernels live in one
+// file per instruction set, each compiled with function-level target attributes so that the
+// build stays -mavx2 and a machine without the wider instructions never runs them).
+//
+// Activations are quantized once per call to int8 in blocks of 32 along K (d = absmax / 127,
+// q = round(x / d)); weights stay packed; a block's products are summed in int32 and scaled once.
+// No ATen in this header: the kernel files include nothing but it and <immintrin.h>.
+#pragma once
+
+#include <cstdint>
+
+namespace fastlm::qdot {
+
+constexpr int64_t kBlock = 32;  // k per activation block
+
+// Blocks of 32 k of x are stored in "kernel order". int8: natural order. int4: the blocks are
+// taken in super-blocks of S (S = 2 for 256-bit kernels, 4 for 512-bit; the blocks left over at
+// the end of K form super-blocks of one), and a super-block holds the even-k halves of its
+// blocks first, then the odd-k halves: x[b0, 0::2], x[b1, 0::2], .., x[b0, 1::2], x[b1, 1::2], ..
+// (16 values each). A load of S x 16 packed bytes then meets the low nibbles (even k) with the
+// first half and the high nibbles (odd k) with the second, with no shuffle of the weights.
+struct Act {
+  const int8_t* q;       // (M, K) quantized x, kernel order
+  const float* d;        // (M, K / 32) block scales
+  const float* de;       // (M, K / 32 * L) block scales repeated per int32 lane (L: 4 int4, 8 int8)
+  const float* corr;     // int4: (M, groups) sum over a group's blocks of d * sum(q); int8: (M) the
+                         // same over all blocks times 128 (the 512-bit kernel's offset)
+};
+
+enum class ScaleType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+struct Problem {
+  Act a;
+  const uint8_t* w;      // packed weights, row_bytes per row
+  const void* scales;    // (N, groups) in scale_type
+  const void* zeros;     // (N, groups) in scale_type, or null (int4: implicit 8)
+  const float* bias;     // (N) or null
+  float* y;              // (M, N)
+  int64_t m, n, k, group, groups, row_bytes;
+  int bits;
+  ScaleType scale_type;
+};
+
+// Rows [n0, n1) of y for rows [m0, m0 + mb) of x, mb in 1..4. Each kernel file defines one.
+using RowsFn = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t m0, int mb);
+
+enum class Isa : int { avx2 = 1, avx512_vnni = 2, avx_vnni = 3 };
+
+void rows_avx2(const Problem&, int64_t, int64_t, int64_t, int);
+void rows_avxvnni(const Problem&, int64_t, int64_t, int64_t, int);
+void rows_avx512(const Problem&, int64_t, int64_t, int64_t, int);
+
+// Super-block width (blocks) of the int4 kernel order for each instruction set.
+inline int super_blocks(Isa isa) { return isa == Isa::avx512_vnni ? 4 : 2; }
+
+}  // namespace fastlm::qdot
+
+namespace fastlm::qdot {
+
+// fn(ctx, c) for every c in [0, chunks), claimed from a shared counter by the calling thread and
+// up to `helpers` threads of a small pool of its own; returns once every chunk is done. A helper
+// that wakes after the last chunk was claimed finds nothing and returns, and nobody waits for it:
+// a thread the scheduler has not run yet costs the call nothing (an OpenMP region would wait at
+// its closing barrier for every thread of the team, whole scheduler quanta on a busy machine).
+void parallel_chunks(int64_t chunks, int helpers, void (*fn)(void*, int64_t), void* ctx);
+
+}  // namespace fastlm::qdot

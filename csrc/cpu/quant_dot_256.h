@@ -1,0 +1,192 @@
+// The 256-bit integer-dot kernels, compiled twice: plain AVX2 (quant_dot_avx2.cpp, u8 x s8 products
+// by vpmaddubsw + vpmaddwd) and AVX-VNNI (quant_dot_avxvnni.cpp, one vpdpbusd for both). The
+// including file defines QD_TARGET (the function attribute), QD_VNNI (0 or 1) and QD_NAME.
+//
+// int8 weights are signed and vpmaddubsw wants one unsigned operand: the products are taken as
+// |w| times x with w's sign moved onto x (vpsignb), so 2 x 127 x 127 fits the int16 pair sums.
+// int4 weights are used as stored (0..15) and the implicit zero (8, or the stored zero points)
+// is taken off once per row from the sums of the quantized x (Act::corr).
+#include <immintrin.h>
+
+#include "cpu/quant_dot.h"
+
+namespace fastlm::qdot {
+namespace {
+
+QD_TARGET inline __m256i dot(__m256i acc, __m256i u, __m256i s) {
+#if QD_VNNI
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// Two pairs summed in int16 first (15 x 127 x 4 fits), one widening for both.
+QD_TARGET inline __m256i dot2(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#if QD_VNNI
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+#else
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
+QD_TARGET inline float to_float(const void* p, int64_t i, ScaleType t) {
+  if (t == ScaleType::f32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (t == ScaleType::f16) return _cvtsh_ss(h);
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Eight scales (or zeros) from i on, widened to float.
+QD_TARGET inline __m256 load8(const void* p, int64_t i, ScaleType t) {
+  if (t == ScaleType::f32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if (t == ScaleType::f16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+QD_TARGET inline float hsum(__m256 v);
+
+// sum over the row's groups of scale * zero * corr: what the stored (unsigned) int4 values add
+// beyond the signed ones, taken off once per row.
+QD_TARGET inline float zero_share(const Problem& p, int64_t g0, const float* corr) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= p.groups; g += 8) {
+    const __m256 z = p.zeros ? load8(p.zeros, g0 + g, p.scale_type) : _mm256_set1_ps(8.f);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(load8(p.scales, g0 + g, p.scale_type), z), _mm256_loadu_ps(corr + g), acc);
+  }
+  float c = hsum(acc);
+  for (; g < p.groups; ++g) {
+    const float z = p.zeros ? to_float(p.zeros, g0 + g, p.scale_type) : 8.f;
+    c += to_float(p.scales, g0 + g, p.scale_type) * z * corr[g];
+  }
+  return c;
+}
+
+QD_TARGET inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+QD_TARGET inline void prefetch(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
+}
+
+// Rows [n0, n1) for MB rows of x from m0. Two accumulators per x row (even and odd steps), so
+// that the float adds of one step do not wait on the last.
+template <int MB>
+QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t nb = p.k / kBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.w + n * p.row_bytes;
+    __m256 acc[2][MB];
+    for (int u = 0; u < 2; ++u)
+      for (int m = 0; m < MB; ++m) acc[u][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      if ((b & 1) == 0) prefetch(row + b * 32);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 32));
+      const __m256i av = _mm256_abs_epi8(v);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mm = m0 + m;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
+        const __m256i i = dot(_mm256_setzero_si256(), av, _mm256_sign_epi8(x, v));
+        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(p.a.d[mm * nb + b]), acc[b & 1][m]);
+      }
+    }
+    const float s = to_float(p.scales, n, p.scale_type);
+    for (int m = 0; m < MB; ++m) {
+      float v = s * hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+      if (p.bias) v += p.bias[n];
+      p.y[(m0 + m) * p.n + n] = v;
+    }
+  }
+}
+
+template <int MB>
+QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t nb = p.k / kBlock, pairs = nb / 2;
+  const int64_t bpg = p.group / kBlock;  // blocks per group: 1, 2 or 4
+  const __m256i low = _mm256_set1_epi8(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.w + n * p.row_bytes;
+    const int64_t g0 = n * p.groups;
+    __m256 acc[2][MB];
+    for (int u = 0; u < 2; ++u)
+      for (int m = 0; m < MB; ++m) acc[u][m] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < pairs; ++j) {
+      prefetch(row + j * 32);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j * 32));
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      const int64_t b = 2 * j;
+      __m256 sw;
+      if (bpg == 1) {
+        sw = _mm256_set_m128(_mm_set1_ps(to_float(p.scales, g0 + b + 1, p.scale_type)),
+                             _mm_set1_ps(to_float(p.scales, g0 + b, p.scale_type)));
+      } else {
+        sw = _mm256_set1_ps(to_float(p.scales, g0 + b / bpg, p.scale_type));
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mm = m0 + m;
+        const int8_t* xq = p.a.q + mm * p.k + j * 64;
+        const __m256i i = dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)), hi,
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+        const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(p.a.de + mm * nb * 4 + b * 4), sw);
+        acc[j & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[j & 1][m]);
+      }
+    }
+    if (nb & 1) {  // the last block alone: a super-block of one, [even | odd]
+      const int64_t b = nb - 1;
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+      const __m128i l4 = _mm_set1_epi8(15);
+      const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), l4), _mm_and_si128(v, l4));
+      const float s = to_float(p.scales, g0 + b / bpg, p.scale_type);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mm = m0 + m;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
+        const __m256i i = dot(_mm256_setzero_si256(), wv, x);
+        acc[0][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * p.a.d[mm * nb + b]), acc[0][m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int64_t mm = m0 + m;
+      float v = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+      // The zero points' share: sum over groups of scale * zero * (sum of d q over the group).
+      v -= zero_share(p, g0, p.a.corr + mm * p.groups);
+      if (p.bias) v += p.bias[n];
+      p.y[mm * p.n + n] = v;
+    }
+  }
+}
+
+template <int BITS>
+QD_TARGET void rows_bits(const Problem& p, int64_t n0, int64_t n1, int64_t m0, int mb) {
+  constexpr auto f1 = BITS == 4 ? rows_int4<1> : rows_int8<1>;
+  constexpr auto f2 = BITS == 4 ? rows_int4<2> : rows_int8<2>;
+  constexpr auto f3 = BITS == 4 ? rows_int4<3> : rows_int8<3>;
+  constexpr auto f4 = BITS == 4 ? rows_int4<4> : rows_int8<4>;
+  switch (mb) {
+    case 1: return f1(p, n0, n1, m0);
+    case 2: return f2(p, n0, n1, m0);
+    case 3: return f3(p, n0, n1, m0);
+    default: return f4(p, n0, n1, m0);
+  }
+}
+
+}  // namespace
+
+QD_TARGET void QD_NAME(const Problem& p, int64_t n0, int64_t n1, int64_t m0, int mb) {
+  if (p.bits == 4) {
+    rows_bits<4>(p, n0, n1, m0, mb);
+  } else {
+    rows_bits<8>(p, n0, n1, m0, mb);
+  }
+}
+
+}  // namespace fastlm::qdot

@@ -1,0 +1,193 @@
+// The 512-bit integer-dot kernels (AVX-512 with VNNI: vpdpbusd, u8 x s8 summed into int32 in one
+// instruction), chosen at run time by CPUID (quant_dot.cpp); the build stays -mavx2, so every
+// function here carries its own target attribute.
+//
+// vpdpbusd does not saturate, so int8 weights are made unsigned by flipping the top bit (w + 128)
+// and 128 times the block sums of the quantized x is taken off once per row (Act::corr). int4
+// weights are used as stored (0..15): a 64-byte load is four blocks of 32 weights, its low
+// nibbles meet the first half of the super-block of x and its high nibbles the second.
+#include <immintrin.h>
+
+#include "cpu/quant_dot.h"
+
+#define QD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+namespace fastlm::qdot {
+namespace {
+
+QD_TARGET inline float to_float(const void* p, int64_t i, ScaleType t) {
+  if (t == ScaleType::f32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (t == ScaleType::f16) return _cvtsh_ss(h);
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+// C scales (or zeros) from i on, widened to float in the low lanes; C is 1, 2, 4 or 16.
+template <int C>
+QD_TARGET inline __m512 loadc(const void* p, int64_t i, ScaleType t) {
+  if constexpr (C == 1) {
+    return _mm512_set1_ps(to_float(p, i, t));
+  } else if constexpr (C == 16) {
+    if (t == ScaleType::f32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+    if (t == ScaleType::f16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    const __mmask16 k = (1u << C) - 1;
+    if (t == ScaleType::f32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
+    if (t == ScaleType::f16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+QD_TARGET inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+QD_TARGET inline void prefetch(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
+}
+
+QD_TARGET inline float zero_share(const Problem& p, int64_t g0, const float* corr) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= p.groups; g += 16) {
+    const __m512 z = p.zeros ? loadc<16>(p.zeros, g0 + g, p.scale_type) : _mm512_set1_ps(8.f);
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(loadc<16>(p.scales, g0 + g, p.scale_type), z), _mm512_loadu_ps(corr + g), acc);
+  }
+  float c = hsum(acc);
+  for (; g < p.groups; ++g) {
+    const float z = p.zeros ? to_float(p.zeros, g0 + g, p.scale_type) : 8.f;
+    c += to_float(p.scales, g0 + g, p.scale_type) * z * corr[g];
+  }
+  return c;
+}
+
+template <int MB>
+QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t nb = p.k / kBlock, pairs = nb / 2;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.w + n * p.row_bytes;
+    __m512 acc[2][MB];
+    for (int u = 0; u < 2; ++u)
+      for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < pairs; ++j) {
+      prefetch(row + j * 64);
+      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(row + j * 64), flip);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mm = m0 + m;
+        const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(p.a.q + mm * p.k + j * 64));
+        acc[j & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_loadu_ps(p.a.de + mm * nb * 8 + j * 16), acc[j & 1][m]);
+      }
+    }
+    __m256 tail[MB];
+    for (int m = 0; m < MB; ++m) tail[m] = _mm256_setzero_ps();
+    if (nb & 1) {
+      const int64_t b = nb - 1;
+      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 32)),
+                                         _mm256_set1_epi8(static_cast<char>(0x80)));
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mm = m0 + m;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
+        const __m256i i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+        tail[m] = _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(p.a.d[mm * nb + b]));
+      }
+    }
+    const float s = to_float(p.scales, n, p.scale_type);
+    for (int m = 0; m < MB; ++m) {
+      const int64_t mm = m0 + m;
+      const __m512 t = _mm512_add_ps(acc[0][m], acc[1][m]);
+      float v = s * (hsum(_mm512_add_ps(t, _mm512_castps256_ps512(tail[m]))) - p.a.corr[mm]);
+      if (p.bias) v += p.bias[n];
+      p.y[mm * p.n + n] = v;
+    }
+  }
+}
+
+// The row's scales for one super-block of 4 blocks, one per int32 lane (4 lanes per block).
+template <int BPG>
+QD_TARGET inline __m512 quad_scales(const Problem& p, int64_t g0, int64_t b) {
+  if constexpr (BPG == 4) {
+    return loadc<1>(p.scales, g0 + b / 4, p.scale_type);
+  } else {
+    constexpr int C = 4 / BPG;
+    const __m512i idx = BPG == 1 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                 : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(idx, loadc<C>(p.scales, g0 + b / BPG, p.scale_type));
+  }
+}
+
+template <int MB, int BPG>
+QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t nb = p.k / kBlock, quads = nb / 4;
+  const __m512i low = _mm512_set1_epi8(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.w + n * p.row_bytes;
+    const int64_t g0 = n * p.groups;
+    __m512 acc[2][MB];
+    for (int u = 0; u < 2; ++u)
+      for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < quads; ++j) {
+      prefetch(row + j * 64);
+      const __m512i v = _mm512_loadu_si512(row + j * 64);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m512 sw = quad_scales<BPG>(p, g0, 4 * j);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mm = m0 + m;
+        const int8_t* xq = p.a.q + mm * p.k + j * 128;
+        __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+        i = _mm512_dpbusd_epi32(i, hi, _mm512_loadu_si512(xq + 64));
+        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(p.a.de + mm * nb * 4 + j * 16), sw);
+        acc[j & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[j & 1][m]);
+      }
+    }
+    __m256 tail[MB];
+    for (int m = 0; m < MB; ++m) tail[m] = _mm256_setzero_ps();
+    for (int64_t b = quads * 4; b < nb; ++b) {  // super-blocks of one: [even | odd]
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+      const __m128i l4 = _mm_set1_epi8(15);
+      const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), l4), _mm_and_si128(v, l4));
+      const float s = to_float(p.scales, g0 + b / BPG, p.scale_type);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mm = m0 + m;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
+        const __m256i i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, x);
+        tail[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * p.a.d[mm * nb + b]), tail[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int64_t mm = m0 + m;
+      const __m512 t = _mm512_add_ps(acc[0][m], acc[1][m]);
+      float v = hsum(_mm512_add_ps(t, _mm512_castps256_ps512(tail[m])));
+      v -= zero_share(p, g0, p.a.corr + mm * p.groups);
+      if (p.bias) v += p.bias[n];
+      p.y[mm * p.n + n] = v;
+    }
+  }
+}
+
+template <int MB>
+QD_TARGET void rows_mb(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  if (p.bits == 8) return rows_int8<MB>(p, n0, n1, m0);
+  switch (p.group / kBlock) {
+    case 1: return rows_int4<MB, 1>(p, n0, n1, m0);
+    case 2: return rows_int4<MB, 2>(p, n0, n1, m0);
+    default: return rows_int4<MB, 4>(p, n0, n1, m0);
+  }
+}
+
+}  // namespace
+
+QD_TARGET void rows_avx512(const Problem& p, int64_t n0, int64_t n1, int64_t m0, int mb) {
+  switch (mb) {
+    case 1: return rows_mb<1>(p, n0, n1, m0);
+    case 2: return rows_mb<2>(p, n0, n1, m0);
+    case 3: return rows_mb<3>(p, n0, n1, m0);
+    default: return rows_mb<4>(p, n0, n1, m0);
+  }
+}
+
+}  // namespace fastlm::qdot
