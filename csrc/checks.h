@@ -96,4 +96,56 @@ inline void check_bias_gelu(const char* op, const at::Tensor& x, const std::opti
   if (dy != nullptr) check_like(op, "dy", *dy, x, x.sizes(), x.scalar_type(), type);
 }
 
+// rotary_fwd / rotary_pos_fwd: q (B, Hq, T, D) and k (B, Hk, T, D) of one float dtype on one device,
+// each with a unit stride on the channel dim (other strides are free).
+inline void check_rotary_qk(const char* op, const at::Tensor& q, const at::Tensor& k, at::DeviceType type) {
+  const auto w = where(op, type);
+  for (const auto* t : {&q, &k}) {
+    const char* name = t == &q ? "q" : "k";
+    TORCH_CHECK(t->device().type() == type, w, ": ", name, " must be a ", c10::DeviceTypeName(type, true),
+                " tensor, got one on ", t->device());
+    TORCH_CHECK(t->dim() == 4, w, ": ", name, " must be 4-D (batch, heads, time, head_dim), got shape ", t->sizes());
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, w, ": ", name, " must have a unit stride on its last dim");
+  }
+  const auto dt = q.scalar_type();
+  const bool ok = dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || (dt == at::kDouble && type == at::kCPU);
+  TORCH_CHECK(ok, w, ": q has dtype ", dt, "; this backend supports float16, bfloat16, float32",
+              type == at::kCPU ? " and float64" : "");
+  TORCH_CHECK(k.scalar_type() == dt && k.device() == q.device(), w, ": k must have q's dtype and device, got ",
+              k.scalar_type(), " on ", k.device());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), w,
+              ": k ", k.sizes(), " must match q ", q.sizes(), " in batch, time and head_dim");
+}
+
+// The angles' dtype: float32, or float64 for float64 q.
+inline at::ScalarType rotary_angle_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// rotary_fwd: cos and sin (Bc, T, R) contiguous in the angles' dtype, Bc 1 or B, R even and <= D.
+inline void check_rotary_table(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, at::DeviceType type) {
+  const auto w = where("rotary_fwd", type);
+  for (const auto* t : {&cos, &sin}) {
+    const char* name = t == &cos ? "cos" : "sin";
+    TORCH_CHECK(t->dim() == 3, w, ": ", name, " must be 3-D (batch, time, rotary_dim), got shape ", t->sizes());
+    TORCH_CHECK(t->size(0) == 1 || t->size(0) == q.size(0), w, ": ", name, " has batch ", t->size(0),
+                "; expected 1 or q's ", q.size(0));
+    check_like("rotary_fwd", name, *t, q, {t->size(0), q.size(2), cos.size(2)}, rotary_angle_dtype(q), type);
+  }
+  const int64_t r = cos.size(2);
+  TORCH_CHECK(r % 2 == 0 && r <= q.size(3), w, ": rotary_dim ", r, " must be even and at most head_dim ", q.size(3));
+}
+
+// rotary_pos_fwd: positions (Bp, T) int64 contiguous, Bp 1 or B; theta > 0; rotary_dim even, <= D.
+inline void check_rotary_positions(const at::Tensor& q, const at::Tensor& positions, double theta,
+                                   int64_t rotary_dim, at::DeviceType type) {
+  const auto w = where("rotary_pos_fwd", type);
+  TORCH_CHECK(positions.dim() == 2 && (positions.size(0) == 1 || positions.size(0) == q.size(0)), w,
+              ": positions must have shape (1 or ", q.size(0), ", ", q.size(2), "), got ", positions.sizes());
+  check_like("rotary_pos_fwd", "positions", positions, q, {positions.size(0), q.size(2)}, at::kLong, type);
+  TORCH_CHECK(theta > 0, w, ": theta must be positive, got ", theta);
+  TORCH_CHECK(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= q.size(3), w, ": rotary_dim ", rotary_dim,
+              " must be even, non-negative and at most head_dim ", q.size(3));
+}
+
 }  // namespace fastlm

@@ -120,6 +120,21 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_bwd_cpu(const at::Tensor& dy, const 
 void check_silu_mul(const char* op, const at::Tensor& gate, const at::Tensor& up, const at::Tensor* dy,
                     at::DeviceType type);
 
+// Rotary position embedding: q (B, Hq, T, D) and k (B, Hk, T, D), any strides with a unit one on
+// the last dim, rotated by cos and sin (Bc, T, R), Bc 1 or B, float32 (float64 for float64 q);
+// R even and <= D, channels R.. pass through. Pairs are (i, i + R/2) (rotate-half, as Llama) or
+// (2i, 2i + 1) (interleaved, as GPT-J): a' = a cos_a - b sin_a, b' = b cos_b + a sin_b. With
+// `backward` the transpose is applied instead (a' = a cos_a + b sin_b, b' = b cos_b - a sin_a),
+// which is the gradient of the forward. Returns (q', k') contiguous in q's dtype.
+std::tuple<at::Tensor, at::Tensor> rotary_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                  const at::Tensor& sin, bool interleaved, bool backward);
+
+// rotary_fwd with the angles made inside: position p = positions[b, t] (positions (Bp, T) int64,
+// Bp 1 or B), pair i's angle p * theta^(-2i / rotary_dim), cos and sin taken in float64.
+std::tuple<at::Tensor, at::Tensor> rotary_pos_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& positions, double theta, int64_t rotary_dim,
+                                                      bool interleaved, bool backward);
+
 #ifdef FASTLM_WITH_CUDA
 at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const OptTensor& zeros, const OptTensor& bias, int64_t bits,
@@ -151,6 +166,11 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy, cons
 at::Tensor silu_mul_fwd_cuda(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> silu_mul_bwd_cuda(const at::Tensor& dy, const at::Tensor& gate,
                                                      const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> rotary_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                   const at::Tensor& sin, bool interleaved, bool backward);
+std::tuple<at::Tensor, at::Tensor> rotary_pos_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& positions, double theta, int64_t rotary_dim,
+                                                       bool interleaved, bool backward);
 #endif
 
 }  // namespace fastlm

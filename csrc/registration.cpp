@@ -29,6 +29,10 @@ TORCH_LIBRARY(fastlm_C, m) {
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor, Tensor)");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("silu_mul_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("rotary_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool backward)"
+        " -> (Tensor, Tensor)");
+  m.def("rotary_pos_fwd(Tensor q, Tensor k, Tensor positions, float theta, int rotary_dim, bool interleaved,"
+        " bool backward) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
@@ -41,11 +45,13 @@ TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("attention_bwd", &fastlm::attention_bwd_cpu);
   m.impl("decode_attention", &fastlm::decode_attention_cpu);
   m.impl("quant_matmul", &fastlm::quant_matmul_cpu);
+  m.impl("quant_matmul_dot", &fastlm::quant_matmul_dot_cpu);
   m.impl("bias_gelu_fwd", &fastlm::bias_gelu_fwd_cpu);
   m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cpu);
   m.impl("silu_mul_fwd", &fastlm::silu_mul_fwd_cpu);
   m.impl("silu_mul_bwd", &fastlm::silu_mul_bwd_cpu);
-  m.impl("quant_matmul_dot", &fastlm::quant_matmul_dot_cpu);
+  m.impl("rotary_fwd", &fastlm::rotary_fwd_cpu);
+  m.impl("rotary_pos_fwd", &fastlm::rotary_pos_fwd_cpu);
 }
 
 #ifdef FASTLM_WITH_CUDA
@@ -61,6 +67,8 @@ TORCH_LIBRARY_IMPL(fastlm_C, CUDA, m) {
   m.impl("quant_matmul", &fastlm::quant_matmul_cuda);
   m.impl("bias_gelu_fwd", &fastlm::bias_gelu_fwd_cuda);
   m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cuda);
+  m.impl("rotary_fwd", &fastlm::rotary_fwd_cuda);
+  m.impl("rotary_pos_fwd", &fastlm::rotary_pos_fwd_cuda);
   m.impl("silu_mul_fwd", &fastlm::silu_mul_fwd_cuda);
   m.impl("silu_mul_bwd", &fastlm::silu_mul_bwd_cuda);
 }

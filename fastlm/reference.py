@@ -170,6 +170,32 @@ def linear_cross_entropy(h, weight, target, ignore_index=-100) -> Tensor:
     return (nll * keep).sum() / keep.sum()
 
 
+# --- rotary position embedding ------------------------------------------------------------------
+
+
+def rotary(x, cos, sin, interleaved=False) -> Tensor:
+    """x (B, H, T, D) rotated pairwise by tables cos, sin broadcastable to (B, 1, T, R), R <= D:
+    pair (a, b) = (i, i + R/2), or (2i, 2i + 1) interleaved, becomes (a cos_a - b sin_a,
+    b cos_b + a sin_b); channels R.. are kept."""
+    x, cos, sin = x.to(F64), cos.to(F64), sin.to(F64)
+    r = cos.shape[-1]
+    idx = torch.arange(r // 2, device=x.device)
+    a, b = (2 * idx, 2 * idx + 1) if interleaved else (idx, idx + r // 2)
+    out = x.clone()
+    xa, xb = x[..., a], x[..., b]
+    out[..., a] = xa * cos[..., a] - xb * sin[..., a]
+    out[..., b] = xb * cos[..., b] + xa * sin[..., b]
+    return out
+
+
+def rotary_tables(positions, theta, rotary_dim, interleaved=False) -> tuple[Tensor, Tensor]:
+    """(cos, sin) (..., T, R) of angle position * theta^(-2i / R) for pair i, in float64."""
+    i = torch.arange(rotary_dim // 2, dtype=F64, device=positions.device)
+    ang = positions.to(F64)[..., None] * torch.tensor(float(theta), dtype=F64) ** (-2 * i / rotary_dim)
+    ang = ang.repeat_interleave(2, -1) if interleaved else torch.cat((ang, ang), -1)
+    return ang.cos(), ang.sin()
+
+
 # --- the rule ---------------------------------------------------------------------------------
 
 

@@ -400,12 +400,37 @@ def _module_cases():
         torch.zeros(1, 2, dtype=torch.long), 2, temperature=NAN), Raises(ValueError, "temperature"))
 
 
+def _rotary_cases():
+    r = ops.rotary_embedding
+    q, k = x32(2, 4, 5, 16), x32(2, 2, 5, 16)
+    cos, sin = x32(5, 16), x32(5, 16)
+    pos = torch.arange(5)
+    case("rotary/q list", lambda b: r(q.tolist(), k, cos, sin, backend=b), Raises(TypeError, "q"))
+    case("rotary/k int", lambda b: r(q, k.long(), cos, sin, backend=b), Raises(TypeError, "k"))
+    case("rotary/head dims differ", lambda b: r(q, k[..., :8], cos, sin, backend=b), Raises(ValueError, "head dim"))
+    case("rotary/cos short", lambda b: r(q, k, cos[:4], sin[:4], backend=b), Raises(ValueError, "cos"))
+    case("rotary/sin meta", lambda b: r(q, k, cos, sin.to("meta"), backend=b), Raises(ValueError, "sin"))
+    case("rotary/odd head dim", lambda b: r(q[..., :15], k[..., :15], cos[:, :15], sin[:, :15], backend=b),
+         Raises(ValueError, "even"))
+    case("rotary/positions float", lambda b: r(q, k, position_ids=pos.float(), backend=b),
+         Raises(TypeError, "position_ids"))
+    case("rotary/theta nan", lambda b: r(q, k, position_ids=pos, theta=NAN, backend=b), Raises(ValueError, "theta"))
+    case("rotary/no time", lambda b: r(x32(2, 4, 0, 16), x32(2, 2, 0, 16), position_ids=pos[:0], backend=b),
+         Torch(lambda: (x32(2, 4, 0, 16), x32(2, 2, 0, 16))))
+    case("rotary/transposed q", lambda b: r(x32(2, 5, 4, 16).transpose(1, 2), k, cos, sin, backend=b),
+         Torch(lambda: r(x32(2, 5, 4, 16).transpose(1, 2), k, cos, sin, backend="torch")))
+    case("rotary/nan q", lambda b: r(MIXED.reshape(1, 1, 4, 4), MIXED.reshape(1, 1, 4, 4), position_ids=pos[:4],
+                                     backend=b),
+         Torch(lambda: r(MIXED.reshape(1, 1, 4, 4), MIXED.reshape(1, 1, 4, 4), position_ids=pos[:4], backend="torch")))
+
+
 _norm_cases()
 _activation_cases()
 _embedding_cases()
 _attention_cases()
 _quant_cases()
 _module_cases()
+_rotary_cases()
 
 # Backend-free cases (quantize, configs, modules with their default backend) run once.
 _ONCE = ("quantize/", "TransformerConfig/", "Transformer/", "generate/", "nn.")
@@ -510,6 +535,21 @@ RAW = {
         ("bwd out shape", "C.attention_bwd(q, q, q, q, q[:1].contiguous(), torch.zeros(2, 4, 8), None, False, 0.25)",
          "out"),
     ],
+    "rotary": [
+        ("k head dim", "C.rotary_fwd(q, q[..., :8], c, c, False, False)", "k"),
+        ("cos 2-D", "C.rotary_fwd(q, q, c[0], c[0], False, False)", "cos"),
+        ("cos length", "C.rotary_fwd(q, q, c[:, :3].contiguous(), c[:, :3].contiguous(), False, False)", "cos"),
+        ("sin dtype", "C.rotary_fwd(q, q, c, c.double(), False, False)", "sin"),
+        ("cos odd", "C.rotary_fwd(q, q, c[..., :15].contiguous(), c[..., :15].contiguous(), False, False)",
+         "rotary_dim"),
+        ("q last stride", "C.rotary_fwd(q.transpose(2, 3), q, c, c, False, False)", "q"),
+        ("q 3-D", "C.rotary_fwd(q[0], q[0], c, c, False, False)", "q"),
+        ("positions int32", "C.rotary_pos_fwd(q, q, torch.arange(8)[None].int(), 1e4, 16, False, False)",
+         "positions"),
+        ("positions length", "C.rotary_pos_fwd(q, q, torch.arange(7)[None], 1e4, 16, False, False)", "positions"),
+        ("theta", "C.rotary_pos_fwd(q, q, torch.arange(8)[None], 0.0, 16, False, False)", "theta"),
+        ("rotary_dim", "C.rotary_pos_fwd(q, q, torch.arange(8)[None], 1e4, 18, False, False)", "rotary_dim"),
+    ],
     "quant_matmul": [
         ("x K", "C.quant_matmul(torch.randn(3, 32), qw, sc, None, None, 8, 64)", "x|K|in_features"),
         ("qweight dtype", "C.quant_matmul(xq, qw.to(torch.uint8), sc, None, None, 8, 64)", "qweight"),
@@ -530,6 +570,7 @@ _CHILD = textwrap.dedent("""
     torch.manual_seed(0)
     x, w, m4, r4 = torch.randn(4, 32), torch.randn(32), torch.zeros(4), torch.ones(4)
     tab, q = torch.randn(10, 8), torch.randn(2, 4, 8, 16)
+    c = torch.randn(2, 8, 16)
     _q8 = quant.quantize(torch.randn(8, 64), 8)
     qw, sc, xq = _q8.qweight, _q8.scales, torch.randn(3, 64)
     _q4 = quant.quantize(torch.randn(8, 64), 4, 32)

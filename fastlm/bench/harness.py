@@ -190,14 +190,18 @@ def timers(fn: Callable, inputs: tuple, device: torch.device) -> dict[str, Calla
         with torch.no_grad():
             return fn(*inputs)
 
-    out = fn(*inputs)
-    dy = torch.randn_like(out)
+    # An op may return several tensors (rotary: q and k); each gets its own gradient.
+    def outputs(out) -> tuple:
+        return out if isinstance(out, tuple) else (out,)
+
+    out = outputs(fn(*inputs))
+    dy = tuple(torch.randn_like(o) for o in out)
 
     def bwd():
         return torch.autograd.grad(out, leaves, dy, retain_graph=True)
 
     def fwdbwd():
-        return torch.autograd.grad(fn(*inputs), leaves, dy)
+        return torch.autograd.grad(outputs(fn(*inputs)), leaves, dy)
 
     return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwdbwd}
 
