@@ -7,7 +7,7 @@
     out = model.generate(prompt_ids, 100, temperature=0.8, top_k=50, seed=0)
 
 Token embedding plus a learned position embedding (or rotary positions inside attention),
-pre-norm blocks (LayerNorm or RMSNorm) of causal self-attention and a GELU MLP, a final norm,
+pre-norm blocks (LayerNorm or RMSNorm) of causal self-attention and a GELU or SwiGLU MLP, a final norm,
 and an output projection tied to the token embedding. Each block takes and returns the residual
 stream beside its output, so every norm is fused with the residual add before it (the norm
 modules' `residual=`), and the stream is read once per norm instead of twice; the loss is taken
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlm import ops
-from fastlm.nn import MLP, Embedding, LayerNorm, RMSNorm
+from fastlm.nn import MLP, Embedding, LayerNorm, RMSNorm, SwiGLU
 from fastlm.nn.self_attention import CausalSelfAttention, KVCache
 
 
@@ -41,6 +41,7 @@ class TransformerConfig:
     n_kv_head: int | None = None    # fewer key/value heads than query heads: grouped-query attention
     d_model: int = 768
     mlp_ratio: int = 4
+    mlp: str = "gelu"               # or "swiglu": silu(gate) * up at 2/3 of the hidden width, same parameters
     norm: str = "layernorm"         # or "rmsnorm"
     pos: str = "learned"            # or "rope"
     rope_theta: float = 10000.0
@@ -78,6 +79,8 @@ class TransformerConfig:
             raise TypeError(f"TransformerConfig: n_kv_head must be an int or None, got {self.n_kv_head!r}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"TransformerConfig: norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"TransformerConfig: mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.pos not in ("learned", "rope"):
             raise ValueError(f"TransformerConfig: pos must be 'learned' or 'rope', got {self.pos!r}")
         if self.d_model % self.n_head:
@@ -107,6 +110,18 @@ def _norm(cfg: TransformerConfig) -> nn.Module:
     return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
+def swiglu_hidden(d_model: int, mlp_ratio: int) -> int:
+    """SwiGLU's hidden width: 2/3 of the GELU MLP's, so that its three matrices hold as many
+    parameters as the GELU MLP's two (Llama's rule), rounded up to a multiple of 8."""
+    return 8 * math.ceil(2 * mlp_ratio * d_model / 3 / 8)
+
+
+def _mlp(cfg: TransformerConfig) -> nn.Module:
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio), bias=cfg.bias, dropout=cfg.dropout)
+    return MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias, dropout=cfg.dropout)
+
+
 class Block(nn.Module):
     """One pre-norm layer. It takes the previous sub-layer's output x and the residual stream
     before it, and returns its own pair, so that each norm is fused with the residual add that
@@ -122,7 +137,7 @@ class Block(nn.Module):
             cfg.d_model, cfg.n_head, cfg.n_kv_head, bias=cfg.bias, dropout=cfg.dropout,
             rotary=cfg.pos == "rope", max_seq_len=cfg.block_size, rope_theta=cfg.rope_theta, causal=cfg.causal)
         self.norm2 = _norm(cfg)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias, dropout=cfg.dropout)
+        self.mlp = _mlp(cfg)
 
     def forward(self, x: Tensor, residual: Tensor | None = None, cache: KVCache | None = None, *,
                 attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -144,7 +159,7 @@ class Transformer(nn.Module):
         # GPT-2: each residual branch ends in a projection whose init shrinks with depth, so the
         # residual stream's variance does not grow with the number of layers.
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight", "mlp.down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = {
     "gpt2-style": dict(norm="layernorm", pos="learned"),
-    "llama-style": dict(norm="rmsnorm", pos="rope", n_kv_head=2, bias=False),
+    "llama-style": dict(norm="rmsnorm", pos="rope", n_kv_head=2, bias=False, mlp="swiglu"),
+    "rope-gelu": dict(norm="layernorm", pos="rope"),
 }
 
 
@@ -82,6 +83,21 @@ def test_presets_have_the_advertised_sizes():
     assert 15 <= sizes["small"] <= 30
     with torch.device("meta"):
         assert 120 <= Transformer(TransformerConfig.preset("gpt2")).num_params() / 1e6 <= 130
+
+
+def test_swiglu_has_the_gelu_mlps_parameters():
+    """2/3 of the hidden width over three matrices: within the rounding to a multiple of 8."""
+    gelu, swiglu = (Transformer(tiny(mlp=m, bias=False)) for m in ("gelu", "swiglu"))
+    assert abs(swiglu.num_params() - gelu.num_params()) <= 2 * 3 * 8 * 64
+    mlp = swiglu.blocks[0].mlp
+    assert mlp.gate_proj.out_features == 176 and mlp.down_proj.in_features == 176
+    # Only the residual branches' last projections get the depth-scaled init.
+    torch.manual_seed(0)
+    big = Transformer(TransformerConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, d_model=256, mlp="swiglu"))
+    assert big.blocks[0].mlp.gate_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert big.blocks[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    with pytest.raises(ValueError, match="mlp"):
+        tiny(mlp="relu")
 
 
 def test_init_follows_gpt2():

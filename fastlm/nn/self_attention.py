@@ -63,30 +63,24 @@ class KVCache:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (RoPE) in the rotate-half layout, cos/sin precomputed."""
+    """Rotary position embedding (RoPE) of q and k in the rotate-half layout, by
+    fastlm.ops.rotary_embedding's position form: the angles (float64, position * theta^(-2i / D))
+    are made inside the kernel, so no cos/sin tables are kept or read."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"Rotary: head_dim must be even, got {head_dim}")
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        # Not part of the state_dict: they follow from the config and would only bloat checkpoints.
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
 
-    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Rotate x (B, H, T, D) by positions 0..T-1, or by positions (B, T) when given."""
-        t = x.shape[2]
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) by positions 0..T-1, or by positions (B, T)."""
+        t = q.shape[2]
         if positions is None:
-            if t > self.cos.shape[0]:
-                raise ValueError(f"Rotary: sequence length {t} exceeds max_seq_len {self.cos.shape[0]}")
-            cos, sin = self.cos[:t], self.sin[:t]                       # (T, D/2)
-        else:
-            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, T, D/2)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            if t > self.max_seq_len:
+                raise ValueError(f"Rotary: sequence length {t} exceeds max_seq_len {self.max_seq_len}")
+            positions = torch.arange(t, device=q.device)
+        return ops.rotary_embedding(q, k, position_ids=positions, theta=self.theta)
 
 
 class CausalSelfAttention(nn.Module):
@@ -126,14 +120,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, t, hk, d).transpose(1, 2)
         if cache is None:
             if self.rotary is not None:
-                q, k = self.rotary(q), self.rotary(k)
+                q, k = self.rotary(q, k)
             y = ops.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
                 is_causal=self.causal, enable_gqa=hq != hk)
         else:
             if self.rotary is not None:
                 pos = cache.seqlens.long()[:, None] + torch.arange(t, device=x.device)
-                q, k = self.rotary(q, pos), self.rotary(k, pos)
+                q, k = self.rotary(q, k, pos)
             cache.append(k, v)
             # Every sequence is `longest` long: the op need not read the lengths back to check them.
             y = ops.decode_attention(q, cache.k, cache.v, cache.seqlens,
