@@ -73,6 +73,9 @@ class QuantizedWeight:
     bits: int
     group_size: int
     shape: tuple[int, int]   # (N, K) = (out_features, in_features)
+    # The float dtype of the weight it stands for, read by code that sizes buffers after a layer's
+    # weight (a KV cache after its projection's); not the stored values' dtype.
+    dtype: torch.dtype = torch.float32
 
     @property
     def device(self) -> torch.device:
@@ -172,7 +175,7 @@ def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bo
         if bits == 8:
             return QuantizedWeight(q.reshape(n, k).to(torch.int8).contiguous(),
                                    s.reshape(n, 1).to(scale_dtype).contiguous(),
-                                   None, 8, k, (n, k))
+                                   None, 8, k, (n, k), weight.dtype)
         q = q + 8
         z = None
     else:
@@ -187,7 +190,7 @@ def quantize(weight: Tensor, bits: int = 8, group_size: int = 128, symmetric: bo
     groups = k // group_size  # not -1: a weight of no rows has no size to infer
     return QuantizedWeight(packed, s.reshape(n, groups).to(scale_dtype).contiguous(),
                            None if z is None else z.reshape(n, groups).to(scale_dtype).contiguous(), 4, group_size,
-                           (n, k))
+                           (n, k), weight.dtype)
 
 
 def unpack(qw: QuantizedWeight) -> Tensor:

@@ -210,3 +210,19 @@ def test_quantize_act_quant_and_scale_dtype():
     assert all(m.act_quant and m.scales.dtype == torch.bfloat16 for m in model if isinstance(m, QuantLinear))
     got = model(x)
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+
+
+def test_quantized_model_generates():
+    from fastlm.model import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                            norm="rmsnorm", pos="rope", bias=False)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 97, (2, 5))
+    want = model(ids)[0]
+    fastlm.quantize_(model, bits=8, act_quant=True)
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.float32
+    got = model(ids, backend="cpu")[0]
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+    out = model.generate(ids, 6, temperature=0.0, backend="cpu")
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], ids)

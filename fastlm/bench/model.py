@@ -9,16 +9,24 @@ FLOPs per token, N = parameters that multiply (all but the position table), L la
     forward 2 N + 2 T d L (causal attention over T positions; 4 ctx d L when decoding)
     backward 2 x forward, forward+backward 3 x forward
 
-`extra` times a full training step (forward, backward, AdamW) per competitor and reports tokens/s.
+`extra` times a full training step (forward, backward, AdamW) per competitor and reports tokens/s;
+on the CPU also quantized decode end to end (quantized_decode): a Llama-shaped configuration of
+the model (rope, rmsnorm, grouped-query attention, no biases; random weights) through
+`fastlm.quantize_` and `model.generate`, float32 on the torch path against fastlm int8 and int4,
+tokens/s at batch 1 and 8 and for a 512-token prefill, and the bytes a decode step reads over the
+read bandwidth measured in the same run ("bandwidth achieved").
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import statistics
+import time
 
 import torch
 
+import fastlm
 from fastlm import backends
 from fastlm.bench import harness
 from fastlm.bench.harness import Case
@@ -166,9 +174,105 @@ def train_step_tokens_per_s(device: torch.device, quick: bool = False, reps: int
     return result
 
 
+# --- quantized decode end to end -----------------------------------------------------------------
+
+# About 0.77 B parameters: 16 layers of width 2048, 16 query heads and 4 key/value heads of 128,
+# Llama's vocabulary. The output projection is tied to the embedding and applied as F.linear on
+# its weight, so it stays float32 under quantize_ (262 MB a token here).
+DECODE_CONFIG = dict(vocab_size=32000, block_size=1024, n_layer=16, n_head=16, n_kv_head=4, d_model=2048,
+                     mlp_ratio=4, norm="rmsnorm", pos="rope", bias=False)
+# name -> quantize_ arguments (None: the float32 model on the torch path)
+DECODE_COMPETITORS = {
+    "torch fp32": None,
+    "fastlm int8": dict(bits=8, act_quant=True),
+    "fastlm int4/32 bf16-scales": dict(bits=4, group_size=32, act_quant=True, scale_dtype=torch.bfloat16),
+    "fastlm int4/32 float path": dict(bits=4, group_size=32, act_quant=False, scale_dtype=torch.bfloat16),
+}
+
+
+def _decode_model(quick: bool, args: dict | None) -> Transformer:
+    torch.manual_seed(0)
+    cfg = dict(DECODE_CONFIG, n_layer=2) if quick else DECODE_CONFIG
+    model = Transformer(TransformerConfig(**cfg)).eval()
+    if args is not None:
+        fastlm.quantize_(model, **args)
+    return model
+
+
+def _read_bytes_per_token(model: Transformer, ctx: int) -> int:
+    """Bytes one decode step of one sequence reads: every weight once (the tied embedding as the
+    output projection) and the KV cache over ctx positions."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    cfg = model.config
+    kv = 2 * cfg.n_layer * (cfg.n_kv_head or cfg.n_head) * (cfg.d_model // cfg.n_head) * ctx * 4
+    return weights + kv
+
+
+@torch.no_grad()
+def _decode_tokens_per_s(model, backend, batch, prompt, new, reps) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt))
+    gen = functools.partial(model.generate, ids, temperature=0.0, backend=backend)
+    gen(max_new_tokens=2)  # warm-up
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        gen(max_new_tokens=1)
+        t1 = time.perf_counter()
+        gen(max_new_tokens=1 + new)
+        t2 = time.perf_counter()
+        rates.append(batch * new / ((t2 - t1) - (t1 - t0)))
+    return statistics.median(rates)
+
+
+@torch.no_grad()
+def _prefill_tokens_per_s(model, backend, tokens, reps) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    ts = []
+    for _ in range(reps + 1):
+        caches = model.new_caches(1, tokens)
+        t = time.perf_counter()
+        model(ids, caches=caches, backend=backend)
+        ts.append(time.perf_counter() - t)
+    return tokens / statistics.median(ts[1:])
+
+
+def quantized_decode(quick: bool = False) -> dict:
+    """Tokens/s of each DECODE_COMPETITORS entry; see the module docstring."""
+    from fastlm.bench.quant_matmul import read_bandwidth
+
+    cpu = torch.device("cpu")
+    bw = read_bandwidth(cpu)
+    prompt, new, reps = (16, 4, 2) if quick else (16, 16, 3)
+    out = {"config": dict(DECODE_CONFIG, n_layer=2) if quick else DECODE_CONFIG, "read_GBps": bw, "rows": {}}
+    for name, args in DECODE_COMPETITORS.items():
+        model = _decode_model(quick, args)
+        backend = "torch" if args is None else "cpu"
+        row = {"params": model.num_params(), "bytes_per_token": _read_bytes_per_token(model, prompt + new // 2)}
+        for b in (1, 8):
+            row[f"decode_b{b}_tok_s"] = _decode_tokens_per_s(model, backend, b, prompt, new, reps)
+        row["prefill_512_tok_s"] = _prefill_tokens_per_s(model, backend, 128 if quick else 512, 1 if quick else 2)
+        row["achieved_GBps"] = row["bytes_per_token"] * row["decode_b1_tok_s"] / 1e9
+        row["pct_read_bw"] = 100 * row["achieved_GBps"] / bw
+        out["rows"][name] = row
+        del model
+    base = out["rows"]["torch fp32"]
+    print(f"quantized decode, {out['config']['n_layer']} layers x {out['config']['d_model']} "
+          f"({base['params'] / 1e9:.2f} B parameters), read bandwidth {bw:.1f} GB/s:")
+    print(f"  {'competitor':<28}{'MB/token':>9}{'b1 tok/s':>10}{'b8 tok/s':>10}{'prefill tok/s':>15}"
+          f"{'GB/s':>7}{'% read':>8}{'b1 x fp32':>10}")
+    for name, r in out["rows"].items():
+        print(f"  {name:<28}{r['bytes_per_token'] / 1e6:>9.0f}{r['decode_b1_tok_s']:>10.2f}"
+              f"{r['decode_b8_tok_s']:>10.2f}{r['prefill_512_tok_s']:>15.1f}{r['achieved_GBps']:>7.1f}{r['pct_read_bw']:>7.0f}%"
+              f"{r['decode_b1_tok_s'] / base['decode_b1_tok_s']:>10.2f}")
+    return out
+
+
 def extra(device: torch.device, quick: bool) -> dict:
     tps = train_step_tokens_per_s(device, quick)
     print("training step (forward + backward + AdamW), tokens/s (median of interleaved runs):")
     for case, row in tps.items():
         print(f"  {case:<18}" + "  ".join(f"{name} {v:,.0f}" for name, v in row.items()))
-    return {"train_step_tokens_per_s": tps}
+    res = {"train_step_tokens_per_s": tps}
+    if device.type == "cpu" and "cpu" in backends.available("cpu"):
+        res["quantized_decode"] = quantized_decode(quick)
+    return res

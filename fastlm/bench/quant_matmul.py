@@ -16,6 +16,14 @@ also the ratio of the two competitors' GB/s. torch's own weight-only kernels run
 torch has them, for M <= 8: torch._weight_int8pack_mm and, on the CPU,
 torch._weight_int4pack_mm_for_cpu (measured 3-40x slower than the dense matmul here).
 
+`extra` (CPU): weight streams at the layer shapes of a 7-8 B model, (N, K) in STREAM_SHAPES, for M
+in STREAM_MS, int8 and int4 g32 (float32 and bf16 scales) and int4 g128, each through the float
+path and the integer one (act_quant=True) beside the dense float32 matmul; GB/s of weight bytes
+against the read bandwidth measured in the same run (read_bandwidth, a 256 MiB fp32 sum, before
+and after), the ceiling of a kernel that reads its weights once and writes little. Then one
+decode-sized call with a core kept busy by another process (`yes`), where a kernel that waits
+for every thread it woke loses whole scheduler quanta.
+
 Only the forward pass is timed: the packed weight gets no gradient, and the input gradient is a
 dense matmul in torch. Every competitor cycles through enough copies of its weight that together
 they exceed the last-level cache three times over, so each call reads its weight from memory, as
@@ -30,11 +38,15 @@ import dataclasses
 import functools
 import itertools
 import math
+import statistics
+import subprocess
+import time
 
 import torch
 import torch.nn.functional as F
 
 from fastlm import backends, ops, quant
+from fastlm.bench import harness
 from fastlm.bench.harness import Case
 
 K = N = 4096
@@ -159,3 +171,184 @@ def _cases(device, dtype, bits, group, sym, prefix, n, k, ms) -> list[Case]:
             work={"fwd": io + qbytes}, impl_work=work, passes=("fwd",), burst=4,
         ))
     return out
+
+
+# --- weight streams against the read bandwidth (extra) ---------------------------------------------
+
+STREAM_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
+STREAM_MS = (1, 2, 4, 8, 16, 32, 64)
+# label -> (bits, group_size, scale dtype)
+STREAM_CONFIGS = {"int8": (8, None, torch.float32), "int4/32": (4, 32, torch.float32),
+                  "int4/32 bf16-scales": (4, 32, torch.bfloat16), "int4/128": (4, 128, torch.float32)}
+
+
+def read_bandwidth(device: torch.device) -> float:
+    """GB/s of a sum over 256 MiB of float32: what a kernel that only reads can reach."""
+    x = torch.ones(64 << 20, device=device)
+    ms = harness.median_ms(lambda: x.sum(), device, reps=10)
+    return x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def _turns_ms(fns: dict, reps: int, burst: int = 4) -> dict[str, float]:
+    """Median ms of each competitor, in turns of `burst` calls keeping all but the first."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(reps):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            for i in range(burst):
+                t = time.perf_counter()
+                fns[name]()
+                if i:
+                    times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _stream_rows(n: int, k: int, ms, reps: int) -> list[dict]:
+    device = torch.device("cpu")
+    w = torch.randn(n, k)
+    dense = _Ring(w, n * k * 4, device)
+    rows = []
+    rings = {}
+    for label, (bits, group, sd) in STREAM_CONFIGS.items():
+        qw = quant.quantize(w, bits, group or k, True, sd)
+        rings[label] = (_Ring(qw, qw.nbytes(), device), qw.nbytes())
+    for m in ms:
+        x = torch.randn(m, k)
+        fns = {"dense fp32": lambda r=dense, x=x: F.linear(x, r.next())}
+        for label, (ring, _) in rings.items():
+            fns[f"{label} float"] = lambda r=ring, x=x: ops.quant_linear(x, r.next(), backend="cpu")
+            fns[f"{label} act_quant"] = lambda r=ring, x=x: ops.quant_linear(x, r.next(), backend="cpu",
+                                                                                act_quant=True)
+        t = _turns_ms(fns, reps)
+        for name, v in t.items():
+            label = name.rsplit(" ", 1)[0]
+            nbytes = n * k * 4 if name == "dense fp32" else rings[label][1]
+            rows.append({"n": n, "k": k, "m": m, "impl": name, "ms": v, "weight_GBps": nbytes / (v * 1e-3) / 1e9,
+                         "x_dense": t["dense fp32"] / v})
+    return rows
+
+
+def busy_core_ms(reps: int = 200) -> dict:
+    """A decode-sized call (4096 x 4096 int4 g32, M = 1) with and without a `yes` process keeping
+    one core busy: median and 90th percentile ms, float path and integer path."""
+    qw = quant.quantize(torch.randn(4096, 4096), 4, 32)
+    ring = _Ring(qw, qw.nbytes(), torch.device("cpu"))
+    x = torch.randn(1, 4096)
+    out = {}
+    for busy in (False, True):
+        hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) if busy else None
+        try:
+            for act in (False, True):
+                ts = []
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    ops.quant_linear(x, ring.next(), backend="cpu", act_quant=act)
+                    ts.append((time.perf_counter() - t) * 1e3)
+                ts.sort()
+                out[f"{'busy' if busy else 'idle'} {'act_quant' if act else 'float'}"] = {
+                    "median_ms": statistics.median(ts), "p90_ms": ts[int(0.9 * len(ts))], "max_ms": ts[-1]}
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    return out
+
+
+def output_errors(n: int = 4096, k: int = 4096, m: int = 16) -> dict:
+    """The error of each path against float64, relative (Frobenius norms): against the product
+    with the dequantized weight (the path's own error: x's rounding for act_quant) and against
+    the float weight (the weight's quantization too). x Gaussian, and Gaussian with 1% of its
+    channels 20x larger (the outlier channels of trained LLM activations)."""
+    from fastlm import reference as ref
+
+    torch.manual_seed(0)
+    w = torch.randn(n, k) / math.sqrt(k)
+    x0 = torch.randn(m, k)
+    outliers = x0.clone()
+    outliers[:, torch.randperm(k)[: k // 100]] *= 20
+    out = {}
+    for xname, x in (("gaussian", x0), ("outlier channels", outliers)):
+        exact = ref.quant_linear(x, w)
+        for label, (bits, group, sd) in STREAM_CONFIGS.items():
+            qw = quant.quantize(w, bits, group or k, True, sd)
+            own = ref.quant_linear(x, quant.dequantize(qw, torch.float64))
+            for act in (False, True):
+                y = ops.quant_linear(x, qw, backend="cpu", act_quant=act).double()
+                out[f"{xname} / {label} / {'act_quant' if act else 'float'}"] = {
+                    "vs_dequantized": float((y - own).norm() / own.norm()),
+                    "vs_float_weight": float((y - exact).norm() / exact.norm())}
+    return out
+
+
+@torch.no_grad()
+def perplexities(ckpt: str, data_dir: str, batches: int = 20, batch_size: int = 8, seed: int = 0) -> dict:
+    """Validation perplexity of a trained checkpoint, float and quantized (int8, int4 g32, with
+    and without act_quant), on the same batches. act_quant is applied at every M here (the
+    integer kernel takes any M; a model call of 8 x 128 tokens would otherwise take the float
+    path): the figure is the rounding's effect, not a speed."""
+    from fastlm import data, patch, train
+    from fastlm.ops import quant_matmul as qm
+
+    variants = {"float": None, "int8": dict(bits=8), "int8 act_quant": dict(bits=8, act_quant=True),
+                "int4/32": dict(bits=4, group_size=32),
+                "int4/32 act_quant": dict(bits=4, group_size=32, act_quant=True),
+                "int4/32 bf16-scales act_quant": dict(bits=4, group_size=32, act_quant=True,
+                                                      scale_dtype=torch.bfloat16)}
+    tokens = data.load_tokens(data_dir, "val")
+    out = {}
+    saved, qm.DOT_MAX_M = qm.DOT_MAX_M, 1 << 62
+    try:
+        for name, args in variants.items():
+            model, _ = train.load_model(ckpt, "cpu", backend="cpu")
+            if args is not None:
+                patch.quantize_(model, **args)
+            seq = model.config.block_size
+            b = data.TokenBatches(tokens, batch_size, seq, seed=seed)
+            total = sum(float(model(*b.next(torch.device("cpu")))[1]) for _ in range(batches))
+            out[name] = math.exp(total / batches)
+    finally:
+        qm.DOT_MAX_M = saved
+    return out
+
+
+def extra(device: torch.device, quick: bool) -> dict:
+    if device.type != "cpu" or "cpu" not in backends.available("cpu"):
+        return {}
+    from fastlm import info
+
+    bw0 = read_bandwidth(device)
+    shapes = STREAM_SHAPES[:1] if quick else STREAM_SHAPES
+    rows = []
+    for n, k in shapes:
+        rows += _stream_rows(n, k, (1, 16) if quick else STREAM_MS, 5 if quick else 9)
+    bw1 = read_bandwidth(device)
+    bw = max(bw0, bw1)
+    for r in rows:
+        r["pct_read_bw"] = 100 * r["weight_GBps"] / bw
+    print(f"read bandwidth (256 MiB fp32 sum): {bw0:.1f} GB/s before, {bw1:.1f} GB/s after; "
+          f"integer path: {info.quant_isa()}")
+    print(f"{'N x K':<12}{'M':>4}  {'impl':<28}{'ms':>9}{'weight GB/s':>13}{'% read bw':>11}{'x dense':>9}")
+    for r in rows:
+        print(f"{r['n']}x{r['k']:<7}{r['m']:>4}  {r['impl']:<28}{r['ms']:>9.3f}{r['weight_GBps']:>13.1f}"
+              f"{r['pct_read_bw']:>10.0f}%{r['x_dense']:>9.2f}")
+    busy = busy_core_ms(50 if quick else 200)
+    print("4096x4096 int4/32 M=1 with one core busy (`yes`), ms:")
+    for name, v in busy.items():
+        print(f"  {name:<20} median {v['median_ms']:.3f}  p90 {v['p90_ms']:.3f}  max {v['max_ms']:.3f}")
+    errors = output_errors(m=4 if quick else 16)
+    print("relative error against float64 (||y - y64|| / ||y64||), 4096 x 4096:")
+    for name, v in errors.items():
+        print(f"  {name:<44} vs dequantized W {v['vs_dequantized']:.2e}  vs float W {v['vs_float_weight']:.2e}")
+    return {"read_GBps": {"before": bw0, "after": bw1}, "quant_isa": info.quant_isa(), "streams": rows,
+            "busy_core": busy, "output_errors": errors}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="perplexity of a checkpoint, float and quantized")
+    ap.add_argument("ckpt")
+    ap.add_argument("data")
+    ap.add_argument("--batches", type=int, default=20)
+    a = ap.parse_args()
+    for name, ppl in perplexities(a.ckpt, a.data, a.batches).items():
+        print(f"{name:<32} perplexity {ppl:.3f}")

@@ -38,6 +38,7 @@ class QuantLinear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.act_quant = bits, group_size, symmetric, act_quant
         self._qw: QuantizedWeight | None = None
+        self._dtype = dtype or torch.get_default_dtype()  # the inputs' dtype, when there is no bias
         n, k, groups = out_features, in_features, in_features // group_size
         meta = torch.device(device or "cpu").type == "meta"
         if meta:
@@ -71,8 +72,8 @@ class QuantLinear(torch.nn.Module):
         qw = quant.quantize(linear.weight, bits, group_size, symmetric, scale_dtype)
         # Built on the meta device, so that no throwaway weight is initialised and quantized.
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, bits=bits,
-                  group_size=group_size, symmetric=symmetric, device="meta", act_quant=act_quant,
-                  scale_dtype=scale_dtype)
+                  group_size=group_size, symmetric=symmetric, device="meta", dtype=linear.weight.dtype,
+                  act_quant=act_quant, scale_dtype=scale_dtype)
         new.qweight, new.scales, new.zeros = qw.qweight, qw.scales, qw.zeros
         if linear.bias is not None:
             new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
@@ -82,9 +83,11 @@ class QuantLinear(torch.nn.Module):
     def weight(self) -> QuantizedWeight:
         """The packed weight as a QuantizedWeight (the buffers themselves, no copy)."""
         qw = self._qw
-        if qw is None or qw.qweight is not self.qweight or qw.scales is not self.scales or qw.zeros is not self.zeros:
+        dtype = self.bias.dtype if self.bias is not None else self._dtype
+        if (qw is None or qw.qweight is not self.qweight or qw.scales is not self.scales or qw.zeros is not self.zeros
+                or qw.dtype != dtype):
             qw = self._qw = QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                            (self.out_features, self.in_features))
+                                            (self.out_features, self.in_features), dtype)
         return qw
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
