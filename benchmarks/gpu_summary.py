@@ -25,6 +25,7 @@ from pathlib import Path
 MIN_SHARE_OF_COPY = {
     ("norm", "fwd"): 0.50, ("norm", "bwd"): 0.35, ("norm", "fwdbwd"): 0.35,
     ("activation", "fwd"): 0.50, ("activation", "bwd"): 0.40, ("activation", "fwdbwd"): 0.40,
+    ("rotary", "fwd"): 0.50, ("rotary", "bwd"): 0.50, ("rotary", "fwdbwd"): 0.50,
     ("embedding", "fwd"): 0.40, ("embedding", "bwd"): 0.20, ("embedding", "fwdbwd"): 0.20,
     ("attention", "fwd"): 0.30,  # decode: the KV cache read once
     ("quant_matmul", "fwd"): 0.40,  # GEMV: the packed weight read once
