@@ -191,6 +191,34 @@ def _activation_cases():
     case("linear_gelu/weight list", lambda b: ops.linear_gelu(X, W.tolist(), backend=b), Raises(TypeError, "weight"))
     case("linear_gelu/weight int", lambda b: ops.linear_gelu(X, x32(8, 32).long(), backend=b),
          Raises(TypeError, "weight"))
+    _silu_mul_cases()
+
+
+def _silu_mul_cases():
+    s, gu = ops.silu_mul, x32(4, 64)
+    case("silu_mul/gate list", lambda b: s(X.tolist(), X, backend=b), Raises(TypeError, "gate"))
+    case("silu_mul/gate int", lambda b: s(X.long(), X, backend=b), Raises(TypeError, "gate"))
+    case("silu_mul/up int", lambda b: s(X, X.long(), backend=b), Raises(TypeError, "up"))
+    case("silu_mul/up None", lambda b: s(X, None, backend=b), Raises(TypeError, "up"))
+    case("silu_mul/up dtype", lambda b: s(X, X.double(), backend=b), Raises(TypeError, "up"))
+    case("silu_mul/up meta", lambda b: s(X, X.to("meta"), backend=b), Raises(ValueError, "up"))
+    case("silu_mul/up short", lambda b: s(X, X[:, :8], backend=b), Raises(ValueError, "up"))
+    case("silu_mul/up broadcast", lambda b: s(X, X[:1], backend=b), Raises(ValueError, "up"))
+    case("silu_mul/gate 0-d", lambda b: s(torch.tensor(1.0), torch.tensor(1.0), backend=b), Raises(ValueError, "gate"))
+    case("silu_mul/no rows", lambda b: s(x32(0, 8), x32(0, 8), backend=b), Torch(lambda: F.silu(x32(0, 8)) * x32(0, 8)))
+    case("silu_mul/no columns", lambda b: s(x32(3, 0), x32(3, 0), backend=b),
+         Torch(lambda: F.silu(x32(3, 0)) * x32(3, 0)))
+    case("silu_mul/chunked halves", lambda b: s(*gu.chunk(2, -1), backend=b),
+         Torch(lambda: F.silu(gu[:, :32]) * gu[:, 32:]))
+    case("silu_mul/zero-stride", lambda b: s(X[:1].expand(6, 32), X[:1].expand(6, 32), backend=b),
+         Torch(lambda: F.silu(X[:1].expand(6, 32)) * X[:1].expand(6, 32)))
+    case("silu_mul/transposed", lambda b: s(x32(32, 5).t(), x32(32, 5).t(), backend=b),
+         Torch(lambda: F.silu(x32(32, 5).t()) * x32(32, 5).t()))
+    case("silu_mul/extremes", lambda b: s(EXTREME, EXTREME, backend=b), Torch(lambda: F.silu(EXTREME) * EXTREME))
+    case("silu_mul/fp16 range", lambda b: s(torch.tensor([[-6e4, -20.0, 0.0, 20.0, 6e4]]).half(),
+                                             torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.5]]).half(), backend=b),
+         Torch(lambda: F.silu(torch.tensor([[-6e4, -20.0, 0.0, 20.0, 6e4]]).half())
+               * torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.5]]).half()))
 
 
 def _embedding_cases():
@@ -504,6 +532,16 @@ RAW = {
         ("bwd dy meta", "C.bias_gelu_bwd(x.to('meta'), x, None, True, False)", "dy|Meta"),
         ("bwd bias short", "C.bias_gelu_bwd(x, x, w[:5], True, True)", "bias"),
         ("bwd x int", "C.bias_gelu_bwd(x.int(), x.int(), None, False, False)", "x"),
+        ("silu fwd up short", "C.silu_mul_fwd(x, x[:, :8])", "up"),
+        ("silu fwd up dtype", "C.silu_mul_fwd(x, x.double())", "up"),
+        ("silu fwd up meta", "C.silu_mul_fwd(x, x.to('meta'))", "up|Meta"),
+        ("silu fwd gate int", "C.silu_mul_fwd(x.int(), x.int())", "gate"),
+        ("silu fwd gate 1-D", "C.silu_mul_fwd(w, w)", "gate"),
+        ("silu fwd gate transposed", "C.silu_mul_fwd(x.t(), x.t())", "gate"),
+        ("silu fwd up zero-stride", "C.silu_mul_fwd(x, x[:1].expand(4, 32))", "up"),
+        ("silu bwd dy short", "C.silu_mul_bwd(x[:1], x, x)", "dy"),
+        ("silu bwd dy dtype", "C.silu_mul_bwd(x.half(), x, x)", "dy"),
+        ("silu bwd dy strided", "C.silu_mul_bwd(torch.randn(32, 4).t(), x, x)", "dy"),
     ],
     "embedding": [
         ("fwd id too big", "C.embedding_fwd(torch.tensor([1, 10]), tab)", "10"),
