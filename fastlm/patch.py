@@ -4,6 +4,10 @@ linear layers in place.
 A fastlm module subclasses its torch twin without adding state, so the swap changes only the
 object's class: parameters, buffers, hooks and identity stay, and an optimizer that already
 holds the parameters keeps working. quantize_ replaces each nn.Linear by a new QuantLinear.
+
+A Hugging Face transformers model is patched by fastlm.hf, which also swaps its attention, norms,
+MLPs, rotary embedding and causal-LM loss (see that module); fastlm.hf.patch_report(model) says
+what was swapped.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastlm import nn, quant
+from fastlm import hf, nn, quant
 
 # torch class -> fastlm class. Only exact torch classes are swapped: a user's subclass may
 # have its own forward that a swap would silently drop.
@@ -28,6 +32,8 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     """Swap, in place, every swappable torch module in `model` (itself included); return it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    if hf.is_transformers_model(model):
+        return hf.patch(model, SWAPS)
     for module in model.modules():
         fast = SWAPS.get(type(module))
         if fast is not None:
@@ -39,6 +45,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo patch: every fastlm module in `model` becomes its torch twin again."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
+    if hf.is_transformers_model(model):
+        return hf.unpatch(model)
     back = {fast: slow for slow, fast in SWAPS.items()}
     for module in model.modules():
         slow = back.get(type(module))

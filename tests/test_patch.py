@@ -79,3 +79,15 @@ def test_patch_leaves_subclasses_alone():
 def test_patch_refuses_non_modules():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fastlm.patch([torch.nn.LayerNorm(3)])
+
+
+def test_fastlm_imports_and_patches_without_transformers():
+    """transformers is an optional extra: with it unimportable, fastlm imports and patches as before."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import torch, fastlm\n"
+            "m = fastlm.patch(torch.nn.Sequential(torch.nn.LayerNorm(4)))\n"
+            "assert type(m[0]) is fastlm.nn.LayerNorm\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
