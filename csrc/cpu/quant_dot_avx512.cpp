@@ -65,29 +65,40 @@ QD_TARGET inline float zero_share(const Problem& p, int64_t g0, const float* cor
   return c;
 }
 
-template <int MB>
-QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+// NB weight rows from n for MB rows of x, as rows_int4_nb below.
+template <int MB, int NB>
+QD_TARGET void rows_int8_nb(const Problem& p, int64_t n, int64_t m0) {
+  constexpr int U = NB * MB < 4 ? 2 : 1;
   const int64_t nb = p.k / kBlock, pairs = nb / 2;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.w + n * p.row_bytes;
-    __m512 acc[2][MB];
-    for (int u = 0; u < 2; ++u)
-      for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < pairs; ++j) {
-      prefetch(row + j * 64);
-      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(row + j * 64), flip);
-      for (int m = 0; m < MB; ++m) {
-        const int64_t mm = m0 + m;
-        const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(p.a.q + mm * p.k + j * 64));
-        acc[j & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_loadu_ps(p.a.de + mm * nb * 8 + j * 16), acc[j & 1][m]);
+  const uint8_t* row[NB];
+  for (int r = 0; r < NB; ++r) row[r] = p.w + (n + r) * p.row_bytes;
+  __m512 acc[U][NB][MB];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < NB; ++r)
+      for (int m = 0; m < MB; ++m) acc[u][r][m] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512i w[NB];
+    for (int r = 0; r < NB; ++r) {
+      prefetch(row[r] + j * 64);
+      w[r] = _mm512_xor_si512(_mm512_loadu_si512(row[r] + j * 64), flip);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int64_t mm = m0 + m;
+      const __m512i x = _mm512_loadu_si512(p.a.q + mm * p.k + j * 64);
+      const __m512 de = _mm512_loadu_ps(p.a.de + mm * nb * 8 + j * 16);
+      for (int r = 0; r < NB; ++r) {
+        const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], x);
+        acc[j % U][r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), de, acc[j % U][r][m]);
       }
     }
+  }
+  for (int r = 0; r < NB; ++r) {
     __m256 tail[MB];
     for (int m = 0; m < MB; ++m) tail[m] = _mm256_setzero_ps();
     if (nb & 1) {
       const int64_t b = nb - 1;
-      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 32)),
+      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + b * 32)),
                                          _mm256_set1_epi8(static_cast<char>(0x80)));
       for (int m = 0; m < MB; ++m) {
         const int64_t mm = m0 + m;
@@ -96,15 +107,24 @@ QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
         tail[m] = _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(p.a.d[mm * nb + b]));
       }
     }
-    const float s = to_float(p.scales, n, p.scale_type);
+    const float s = to_float(p.scales, n + r, p.scale_type);
     for (int m = 0; m < MB; ++m) {
       const int64_t mm = m0 + m;
-      const __m512 t = _mm512_add_ps(acc[0][m], acc[1][m]);
-      float v = s * (hsum(_mm512_add_ps(t, _mm512_castps256_ps512(tail[m]))) - p.a.corr[mm]);
-      if (p.bias) v += p.bias[n];
-      p.y[mm * p.n + n] = v;
+      __m512 t = _mm512_castps256_ps512(tail[m]);
+      for (int u = 0; u < U; ++u) t = _mm512_add_ps(t, acc[u][r][m]);
+      float v = s * (hsum(t) - p.a.corr[mm]);
+      if (p.bias) v += p.bias[n + r];
+      p.y[mm * p.n + n + r] = v;
     }
   }
+}
+
+template <int MB>
+QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  constexpr int NB = MB == 1 ? 1 : 2;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) rows_int8_nb<MB, NB>(p, n, m0);
+  for (; n < n1; ++n) rows_int8_nb<MB, 1>(p, n, m0);
 }
 
 // The row's scales for one super-block of 4 blocks, one per int32 lane (4 lanes per block).
@@ -120,37 +140,53 @@ QD_TARGET inline __m512 quad_scales(const Problem& p, int64_t g0, int64_t b) {
   }
 }
 
-template <int MB, int BPG>
-QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+// NB weight rows from n at once for MB rows of x: each load of x serves NB rows (loads, not the
+// dot products, bounded the one-row version at M > 1). One accumulator per (row, x row), two
+// (even and odd steps) when there are fewer than four such chains to overlap.
+template <int MB, int NB, int BPG>
+QD_TARGET void rows_int4_nb(const Problem& p, int64_t n, int64_t m0) {
+  constexpr int U = NB * MB < 4 ? 2 : 1;
   const int64_t nb = p.k / kBlock, quads = nb / 4;
   const __m512i low = _mm512_set1_epi8(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.w + n * p.row_bytes;
-    const int64_t g0 = n * p.groups;
-    __m512 acc[2][MB];
-    for (int u = 0; u < 2; ++u)
-      for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < quads; ++j) {
-      prefetch(row + j * 64);
-      const __m512i v = _mm512_loadu_si512(row + j * 64);
-      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      const __m512 sw = quad_scales<BPG>(p, g0, 4 * j);
-      for (int m = 0; m < MB; ++m) {
-        const int64_t mm = m0 + m;
-        const int8_t* xq = p.a.q + mm * p.k + j * 128;
-        __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
-        i = _mm512_dpbusd_epi32(i, hi, _mm512_loadu_si512(xq + 64));
-        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(p.a.de + mm * nb * 4 + j * 16), sw);
-        acc[j & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[j & 1][m]);
+  const uint8_t* row[NB];
+  int64_t g0[NB];
+  for (int r = 0; r < NB; ++r) {
+    row[r] = p.w + (n + r) * p.row_bytes;
+    g0[r] = (n + r) * p.groups;
+  }
+  __m512 acc[U][NB][MB];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < NB; ++r)
+      for (int m = 0; m < MB; ++m) acc[u][r][m] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < quads; ++j) {
+    __m512i lo[NB], hi[NB];
+    __m512 sw[NB];
+    for (int r = 0; r < NB; ++r) {
+      prefetch(row[r] + j * 64);
+      const __m512i v = _mm512_loadu_si512(row[r] + j * 64);
+      lo[r] = _mm512_and_si512(v, low);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      sw[r] = quad_scales<BPG>(p, g0[r], 4 * j);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int64_t mm = m0 + m;
+      const int8_t* xq = p.a.q + mm * p.k + j * 128;
+      const __m512i x0 = _mm512_loadu_si512(xq), x1 = _mm512_loadu_si512(xq + 64);
+      const __m512 de = _mm512_loadu_ps(p.a.de + mm * nb * 4 + j * 16);
+      for (int r = 0; r < NB; ++r) {
+        const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x0), hi[r], x1);
+        acc[j % U][r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(de, sw[r]), acc[j % U][r][m]);
       }
     }
+  }
+  for (int r = 0; r < NB; ++r) {
     __m256 tail[MB];
     for (int m = 0; m < MB; ++m) tail[m] = _mm256_setzero_ps();
     for (int64_t b = quads * 4; b < nb; ++b) {  // super-blocks of one: [even | odd]
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + b * 16));
       const __m128i l4 = _mm_set1_epi8(15);
       const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), l4), _mm_and_si128(v, l4));
-      const float s = to_float(p.scales, g0 + b / BPG, p.scale_type);
+      const float s = to_float(p.scales, g0[r] + b / BPG, p.scale_type);
       for (int m = 0; m < MB; ++m) {
         const int64_t mm = m0 + m;
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
@@ -160,13 +196,21 @@ QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
     }
     for (int m = 0; m < MB; ++m) {
       const int64_t mm = m0 + m;
-      const __m512 t = _mm512_add_ps(acc[0][m], acc[1][m]);
-      float v = hsum(_mm512_add_ps(t, _mm512_castps256_ps512(tail[m])));
-      v -= zero_share(p, g0, p.a.corr + mm * p.groups);
-      if (p.bias) v += p.bias[n];
-      p.y[mm * p.n + n] = v;
+      __m512 t = _mm512_castps256_ps512(tail[m]);
+      for (int u = 0; u < U; ++u) t = _mm512_add_ps(t, acc[u][r][m]);
+      float v = hsum(t) - zero_share(p, g0[r], p.a.corr + mm * p.groups);
+      if (p.bias) v += p.bias[n + r];
+      p.y[mm * p.n + n + r] = v;
     }
   }
+}
+
+template <int MB, int BPG>
+QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  constexpr int NB = MB == 1 ? 1 : 2;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) rows_int4_nb<MB, NB, BPG>(p, n, m0);
+  for (; n < n1; ++n) rows_int4_nb<MB, 1, BPG>(p, n, m0);
 }
 
 template <int MB>

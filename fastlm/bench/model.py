@@ -11,7 +11,7 @@ FLOPs per token, N = parameters that multiply (all but the position table), L la
 
 `extra` times a full training step (forward, backward, AdamW) per competitor and reports tokens/s;
 on the CPU also quantized decode end to end (quantized_decode): a Llama-shaped configuration of
-the model (rope, rmsnorm, grouped-query attention, no biases; random weights) through
+the model (rope, rmsnorm, grouped-query attention, SwiGLU, no biases; random weights) through
 `fastlm.quantize_` and `model.generate`, float32 on the torch path against fastlm int8 and int4,
 tokens/s at batch 1 and 8 and for a 512-token prefill, and the bytes a decode step reads over the
 read bandwidth measured in the same run ("bandwidth achieved").
@@ -176,11 +176,11 @@ def train_step_tokens_per_s(device: torch.device, quick: bool = False, reps: int
 
 # --- quantized decode end to end -----------------------------------------------------------------
 
-# About 0.77 B parameters: 16 layers of width 2048, 16 query heads and 4 key/value heads of 128,
-# Llama's vocabulary. The output projection is tied to the embedding and applied as F.linear on
-# its weight, so it stays float32 under quantize_ (262 MB a token here).
-DECODE_CONFIG = dict(vocab_size=32000, block_size=1024, n_layer=16, n_head=16, n_kv_head=4, d_model=2048,
-                     mlp_ratio=4, norm="rmsnorm", pos="rope", bias=False)
+# About 0.65 B parameters: 24 layers of width 1536, 12 query heads and 4 key/value heads of 128,
+# a SwiGLU MLP of width 4096, Llama's vocabulary. The output projection is tied to the embedding
+# and applied as F.linear on its weight, so it stays float32 under quantize_ (197 MB a token).
+DECODE_CONFIG = dict(vocab_size=32000, block_size=1024, n_layer=24, n_head=12, n_kv_head=4, d_model=1536,
+                     mlp_ratio=4, mlp="swiglu", norm="rmsnorm", pos="rope", bias=False)
 # name -> quantize_ arguments (None: the float32 model on the torch path)
 DECODE_COMPETITORS = {
     "torch fp32": None,
