@@ -20,8 +20,6 @@ Tested under TRITON_INTERPRET=1 and compiled for sm_90 (tools/check_triton.py); 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -171,7 +169,6 @@ def tile(M: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
     return min(triton.next_power_of_2(M), max(1, 16384 // block_n)), block_n, 4
 
 
-@functools.cache
 def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
     """Returns gelu(x + bias) in x's dtype."""
     M, N = _check_args(x, bias)
