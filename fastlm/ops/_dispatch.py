@@ -81,13 +81,25 @@ class KernelOp:
             return run(family, body, args[-1], args[:-1])
 
         impl.__signature__ = sig.replace(parameters=params)
+        self._arg_names = [p.name for p in params[:-1]]
         impl.__name__, impl.__doc__, impl.__module__ = self.name, body.__doc__, body.__module__
         self.op = torch.library.custom_op(f"fastlm::{self.name}", impl, mutates_args=())
         self._eager: type[torch.autograd.Function] | None = None
 
     def register_fake(self, fake: Callable) -> Callable:
-        """fake(*args): outputs of the right shapes and dtypes, for the same args minus backend."""
-        self.op.register_fake(lambda *args: fake(*args[:-1]))
+        """fake(*args): outputs of the right shapes and dtypes, for the same args minus backend.
+        Tensors on more than one device are refused first: a meta tensor beside real ones sends the
+        call here, and a fake would answer with an uninitialised tensor instead of an error."""
+        names = self._arg_names
+
+        def checked(*args):
+            on = [(n, a.device) for n, a in zip(names, args[:-1]) if isinstance(a, Tensor)]
+            for n, d in on[1:]:
+                if d != on[0][1]:
+                    raise ValueError(f"fastlm.{self.name}: {n} is on {d} but {on[0][0]} is on {on[0][1]}")
+            return fake(*args[:-1])
+
+        self.op.register_fake(checked)
         return fake
 
     def register_autograd(self, setup_context: Callable, backward: Callable, *,
