@@ -1,6 +1,7 @@
 # The two commands of the README, `make bench` and `make test`, each do their own set-up:
 # a virtual environment in .venv, torch (the CPU wheel when none is importable and no GPU is
-# present), and fastlm with its dev extra, which compiles the extension fastlm._C.
+# present), and fastlm with its dev and hf (transformers, for fastlm/hf.py) extras, which
+# compiles the extension fastlm._C.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -30,7 +31,7 @@ $(STAMP): $(PY) $(SOURCES)
 	  else echo "no GPU: installing $(TORCH_SPEC) (CPU)"; $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; fi; \
 	fi
 	$(PY) -m pip install -q setuptools wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,hf]"
 	@touch $(STAMP)
 
 lint: setup

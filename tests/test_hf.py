@@ -298,3 +298,62 @@ def test_patch_is_idempotent_and_warns_nothing_for_covered_families():
         fastlm.patch(model)
     assert hf.patch_report(model)["attention"] == 2
     fastlm.unpatch(model)
+
+
+_FSDP_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+import fastlm
+import test_hf as t
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = fastlm.patch(t.build("llama"))
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+ids, _ = t.batch(b=4, t=12)
+local = ids[2 * rank: 2 * rank + 2]
+for _ in range(3):
+    model(input_ids=local, labels=local).loss.backward()
+    opt.step()
+    opt.zero_grad()
+full = {n: p.full_tensor() for n, p in model.named_parameters()}
+if rank == 0:
+    torch.save(full, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_unsharded_training(tmp_path):
+    """A patched Llama under FSDP2 (fully_shard per decoder layer, 2 processes, gloo) ends with the
+    parameters of unsharded, unpatched training on the same global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script, out = tmp_path / "fsdp.py", tmp_path / "params.pt"
+    script.write_text(_FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(Path(__file__).parent), str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ref = build("llama")
+    opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    ids, _ = batch(b=4, t=12)
+    for _ in range(3):
+        ref(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    got = torch.load(out)
+    want = dict(ref.named_parameters())
+    assert got.keys() == want.keys()
+    for name, p in got.items():
+        torch.testing.assert_close(p, want[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
