@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from fastlm.nn import QuantLinear
 
-# The names of the attention and MLP matrices in fastlm's Transformer blocks.
-TARGETS = ("qkv", "proj", "fc")
+# The names of the attention and MLP matrices in fastlm's Transformer blocks (GELU and SwiGLU).
+TARGETS = ("qkv", "proj", "fc", "gate_proj", "up_proj", "down_proj")
 
 
 class LoRALinear(nn.Module):

@@ -44,6 +44,22 @@ def test_fresh_adapters_change_nothing_and_only_adapters_train():
     assert qkv.lora_b.abs().sum() > 0
 
 
+def test_swiglu_blocks_get_adapters_on_all_three_projections():
+    model = _model(mlp="swiglu", pos="rope", norm="rmsnorm")
+    ids = _ids()
+    before = model(ids)[0]
+    lora.apply_lora(model, rank=2)
+    names = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    assert names == {"qkv", "proj", "gate_proj", "up_proj", "down_proj"}
+    assert torch.equal(model(ids)[0], before)
+    _train_adapters(model, ids)
+    model.eval()
+    with torch.no_grad():
+        with_adapters = model(ids)[0].double()
+        merged = lora.merge_lora(model)(ids)[0].double()
+    torch.testing.assert_close(merged, with_adapters, rtol=1e-4, atol=1e-5)
+
+
 def _train_adapters(model, ids, steps=3):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(steps):
