@@ -346,7 +346,7 @@ def patch(model: torch.nn.Module, swaps: dict[type, type]) -> torch.nn.Module:
     if _has_fusable_head(model):
         model.forward = functools.partial(_lm_forward, model)
         report["loss"] = 1
-    model.__dict__[_STATE] = {"report": dict(report), "previous": previous, "layers": layers,
+    model.__dict__[_STATE] = {"report": {k: v for k, v in report.items() if v}, "previous": previous, "layers": layers,
                               "modules": hooked, "classes": classes}
     return model
 

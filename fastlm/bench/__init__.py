@@ -19,7 +19,7 @@ import torch
 from fastlm.bench import harness
 from fastlm.info import machine_name, summary
 
-OPS = ("norm", "embedding", "activation", "rotary", "attention", "quant_matmul", "model")
+OPS = ("norm", "embedding", "activation", "rotary", "attention", "quant_matmul", "model", "hf")
 
 
 def _module(op: str):

@@ -1,0 +1,191 @@
+"""Hugging Face transformers models end to end: transformers eager, transformers + fastlm.patch,
+and torch.compile of transformers, side by side.
+
+Models (random weights, from configs; no download):
+    llama-100m   Llama-shaped: 12 layers, width 768, 12 heads with 4 key/value heads, SwiGLU of
+                 2048, vocab 32000, tied embedding (about 100 M parameters)
+    gpt2-small   GPT-2 small's shape: 12 layers, width 768, 12 heads, vocab 50257 (124 M)
+
+Measured per model and competitor, each in a fresh process (so one competitor's peak memory,
+thread pools and compiled graphs do not reach the next):
+    train        tokens/s of a whole step: forward with labels, backward, AdamW, at B x T
+    peak         peak memory of that step: on the CPU the resident set's growth above its level
+                 before the step (weights and AdamW state already allocated); on a GPU
+                 torch.cuda.max_memory_allocated, everything included
+    prefill      latency of one forward of a T-token prompt into an empty cache (batch 1)
+    decode       per-token latency of greedy generate() after that prompt: (time of N + 1 new
+                 tokens - time of 1) / N
+torch.compile is timed on the training step and the prefill; generate() with a compiled forward
+recompiles for every cache length (or needs a static cache), so its decode is not measured.
+
+`cases` has no harness cases: a whole training step is not one op call, so everything is in `extra`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = {
+    "llama-100m": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                       num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                       max_position_embeddings=1024, tie_word_embeddings=True),
+    "gpt2-small": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+                       attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+}
+QUICK = dict(num_hidden_layers=2, n_layer=2)
+COMPETITORS = ("transformers", "transformers+fastlm", "torch.compile")
+
+
+def _shape(device: torch.device, quick: bool) -> dict:
+    if device.type == "cuda":
+        return dict(batch=8, seq=512, prompt=512, new=32, reps=5 if quick else 10)
+    # Two CPU cores: an 8 x 512 step of a 100 M model takes minutes, so the CPU runs 2 x 512.
+    return dict(batch=1, seq=128, prompt=128, new=8, reps=2) if quick else \
+        dict(batch=2, seq=512, prompt=512, new=8, reps=2)
+
+
+def _build(name: str, quick: bool, device: torch.device):
+    import transformers
+
+    cfg = dict(MODELS[name])
+    family = cfg.pop("model_type")
+    if quick:
+        cfg.update({k: v for k, v in QUICK.items() if k in cfg})
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(family, **cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return transformers.AutoModelForCausalLM.from_config(config).to(device, dtype)
+
+
+def _peak(fn, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from fastlm.bench.harness import host_peak_growth
+
+    return host_peak_growth(fn)
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _train(model, fwd, shape: dict, device: torch.device) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (shape["batch"], shape["seq"]), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        fwd(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # compiles, allocates AdamW's state
+    peak = _peak(step, device)  # and the second step, a compiled graph's first reuse
+    secs = statistics.median(_timed(step, device) for _ in range(shape["reps"]))
+    return {"train_tokens_per_s": ids.numel() / secs, "train_step_s": secs, "train_peak_bytes": peak}
+
+
+@torch.no_grad()
+def _infer(model, fwd, shape: dict, device: torch.device, decode: bool) -> dict:
+    model.eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, shape["prompt"]), device=device)
+    fwd(input_ids=prompt, use_cache=True)
+    prefill = statistics.median(_timed(lambda: fwd(input_ids=prompt, use_cache=True), device)
+                                for _ in range(shape["reps"]))
+    out = {"prefill_ms": prefill * 1e3}
+    if decode:
+        kw = dict(do_sample=False, pad_token_id=0, use_cache=True)
+        n = shape["new"]
+
+        def gen(k):
+            return _timed(lambda: model.generate(prompt, max_new_tokens=k, min_new_tokens=k, **kw), device)
+
+        gen(2)
+        one = statistics.median(gen(1) for _ in range(shape["reps"]))
+        many = statistics.median(gen(n + 1) for _ in range(shape["reps"]))
+        out["decode_ms_per_token"] = (many - one) / n * 1e3
+    return out
+
+
+def measure(name: str, competitor: str, device: str, quick: bool) -> dict:
+    """One model and competitor, in this process."""
+    import fastlm
+
+    dev = torch.device(device)
+    shape = _shape(dev, quick)
+    model = _build(name, quick, dev)
+    fwd = model
+    if competitor == "transformers+fastlm":
+        fastlm.patch(model)
+    elif competitor == "torch.compile":
+        fwd = torch.compile(model)
+    res = {**_train(model, fwd, shape, dev), **_infer(model, fwd, shape, dev, competitor != "torch.compile")}
+    if competitor == "transformers+fastlm":
+        res["swapped"] = fastlm.hf.patch_report(model)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    return res
+
+
+def _worker() -> None:
+    args = json.loads(sys.argv[1])
+    print("RESULT " + json.dumps(measure(**args)), flush=True)
+
+
+def cases(device: torch.device, quick: bool = False) -> list:
+    return []
+
+
+def _row(name: str, comp: str, r: dict, base: dict) -> str:
+    speed = r["train_tokens_per_s"] / base["train_tokens_per_s"]
+    dec = f"{r['decode_ms_per_token']:.1f}" if "decode_ms_per_token" in r else "-"
+    return (f"{name:<12}{comp:<22}{r['train_tokens_per_s']:>12.0f}{speed:>8.2f}x{r['train_peak_bytes'] / 2**20:>11.0f}"
+            f"{r['prefill_ms']:>12.1f}{dec:>12}")
+
+
+def extra(device: torch.device, quick: bool = False) -> dict:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        print("hf: skipped, transformers is not installed (pip install fastlm[hf])")
+        return {"skipped": "transformers is not installed"}
+    shape = _shape(device, quick)
+    print(f"hf: training step at {shape['batch']} x {shape['seq']} tokens, prefill of {shape['prompt']}, "
+          f"decode of {shape['new']} tokens after it; median of {shape['reps']}")
+    results: dict = {"shape": shape, "models": {}}
+    for name in MODELS:
+        per = results["models"][name] = {}
+        for comp in COMPETITORS:
+            args = json.dumps(dict(name=name, competitor=comp, device=str(device), quick=quick))
+            code = "from fastlm.bench.hf import _worker; _worker()"
+            proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"  {name} {comp}: failed\n{proc.stderr[-2000:]}")
+                continue
+            per[comp] = json.loads(line[-1].removeprefix("RESULT "))
+            print(f"  {name} {comp}: done", flush=True)
+    head = (f"{'model':<12}{'competitor':<22}{'train tok/s':>12}{'vs eager':>9}{'peak MiB':>11}"
+            f"{'prefill ms':>12}{'ms/token':>12}")
+    print(head + "\n" + "-" * len(head))
+    for name, per in results["models"].items():
+        base = per.get("transformers")
+        for comp, r in per.items():
+            print(_row(name, comp, r, base or r))
+        if "transformers+fastlm" in per:
+            print(f"{'':<12}swapped: {per['transformers+fastlm']['swapped']}")
+    return results
