@@ -368,15 +368,10 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   float* base = work.data_ptr<float>();
   const ActBuf a{reinterpret_cast<int8_t*>(base + floats), base, base + m * nb, base + m * nb * (1 + lanes)};
   const int sb = super_blocks(isa);
+  // Serial: at most 64 rows, tens of microseconds; an OpenMP region here left its threads spinning
+  // on the cores that the pool's helpers then needed (M = 8 measured 5x slower than M = 4).
   const auto quantize_x = [&](const auto* xp) {
-    const auto rows = [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) quant_row(xp + i * k, k, static_cast<int>(bits), group_size, sb, a, i);
-    };
-    if (m > 4) {
-      at::parallel_for(0, m, 1, rows);
-    } else {
-      rows(0, m);
-    }
+    for (int64_t i = 0; i < m; ++i) quant_row(xp + i * k, k, static_cast<int>(bits), group_size, sb, a, i);
   };
   if (x.scalar_type() == at::kFloat) {
     quantize_x(x.data_ptr<float>());

@@ -285,8 +285,9 @@ def perplexities(ckpt: str, data_dir: str, batches: int = 20, batch_size: int = 
     and without act_quant), on the same batches. act_quant is applied at every M here (the
     integer kernel takes any M; a model call of 8 x 128 tokens would otherwise take the float
     path): the figure is the rounding's effect, not a speed."""
-    from fastlm import data, patch, train
+    from fastlm import data, train
     from fastlm.ops import quant_matmul as qm
+    from fastlm.patch import quantize_
 
     variants = {"float": None, "int8": dict(bits=8), "int8 act_quant": dict(bits=8, act_quant=True),
                 "int4/32": dict(bits=4, group_size=32),
@@ -300,7 +301,7 @@ def perplexities(ckpt: str, data_dir: str, batches: int = 20, batch_size: int = 
         for name, args in variants.items():
             model, _ = train.load_model(ckpt, "cpu", backend="cpu")
             if args is not None:
-                patch.quantize_(model, **args)
+                quantize_(model, **args)
             seq = model.config.block_size
             b = data.TokenBatches(tokens, batch_size, seq, seed=seed)
             total = sum(float(model(*b.next(torch.device("cpu")))[1]) for _ in range(batches))
