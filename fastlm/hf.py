@@ -344,7 +344,11 @@ def patch(model: torch.nn.Module, swaps: dict[type, type]) -> torch.nn.Module:
             m.__class__ = fast
             report[re.sub(r"(?<!^)(?=[A-Z])", "_", fast.__name__).lower()] += 1
     if _has_fusable_head(model):
-        model.forward = functools.partial(_lm_forward, model)
+        forward = functools.partial(_lm_forward, model)
+        # generate() and Trainer read the forward's signature (attention_mask, position_ids,
+        # logits_to_keep, the dataset columns to keep): it must stay the model's own.
+        forward.__signature__ = inspect.signature(model.forward)
+        model.forward = forward
         report["loss"] = 1
     model.__dict__[_STATE] = {"report": {k: v for k, v in report.items() if v}, "previous": previous, "layers": layers,
                               "modules": hooked, "classes": classes}

@@ -4,6 +4,7 @@ are the unpatched model's."""
 
 import copy
 import gc
+import inspect
 import warnings
 
 import pytest
@@ -179,6 +180,19 @@ def test_greedy_generate_with_cache_same_tokens(family, monkeypatch):
     got = model.generate(ids, **kw)
     monkeypatch.undo()
     assert torch.equal(got, ref.generate(ids, **kw))
+    # generate() reads the forward's signature to pass attention_mask and logits_to_keep.
+    assert inspect.signature(model.forward) == inspect.signature(ref.forward)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_generate_with_left_padding_same_tokens(family):
+    ref = build(family).eval()
+    model = fastlm.patch(copy.deepcopy(ref))
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
