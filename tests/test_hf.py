@@ -371,3 +371,23 @@ def test_fsdp2_two_processes_match_unsharded_training(tmp_path):
     assert got.keys() == want.keys()
     for name, p in got.items():
         torch.testing.assert_close(p, want[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_recomputes_through_the_fastlm_layers(monkeypatch):
+    ref = build("llama")
+    model = fastlm.patch(copy.deepcopy(ref))
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    assert model.model.layers[0].gradient_checkpointing
+    ids, mask = batch()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", None)
+    loss = _loss(model, "llama", ids, mask)
+    loss.backward()
+    monkeypatch.undo()
+    ref_loss = _loss(ref, "llama", ids, mask)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
