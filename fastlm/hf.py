@@ -74,7 +74,7 @@ from fastlm import ops
 ATTENTION = "fastlm"
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert", "roberta")
 _STATE = "_fastlm_hf"
-_GELU_TANH = {"NewGELUActivation": "tanh", "GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "GELUActivation": "none"}
+_GELU = {"NewGELUActivation": "tanh", "GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "GELUActivation": "none"}
 _SILU = ("SiLUActivation", "SiLU")
 
 
@@ -228,12 +228,12 @@ def _layer_forward(m):
         return "swiglu_mlp", _swiglu_forward
     act = getattr(m, "act", None)
     if _is_conv1d(getattr(m, "c_fc", None)) and _is_conv1d(getattr(m, "c_proj", None)) \
-            and type(act).__name__ in _GELU_TANH and hasattr(m, "dropout"):
-        return "gelu_mlp", functools.partial(_conv1d_gelu_forward, approximate=_GELU_TANH[type(act).__name__])
+            and type(act).__name__ in _GELU and hasattr(m, "dropout"):
+        return "gelu_mlp", functools.partial(_conv1d_gelu_forward, approximate=_GELU[type(act).__name__])
     act = getattr(m, "intermediate_act_fn", None)
     if name.endswith("Intermediate") and _is_linear(getattr(m, "dense", None)) \
-            and type(act).__name__ in _GELU_TANH:
-        return "gelu_mlp", functools.partial(_linear_gelu_forward, approximate=_GELU_TANH[type(act).__name__])
+            and type(act).__name__ in _GELU:
+        return "gelu_mlp", functools.partial(_linear_gelu_forward, approximate=_GELU[type(act).__name__])
     ln = getattr(m, "LayerNorm", None)
     if name.endswith("Output") and _is_linear(getattr(m, "dense", None)) \
             and isinstance(ln, torch.nn.LayerNorm) and isinstance(getattr(m, "dropout", None), torch.nn.Dropout):

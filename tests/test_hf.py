@@ -391,3 +391,17 @@ def test_gradient_checkpointing_recomputes_through_the_fastlm_layers(monkeypatch
     grads = dict(model.named_parameters())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_layer_fastlm_does_not_cover_keeps_its_own_forward():
+    """A Llama whose MLP activation is ReLU: its MLPs keep transformers' forward (and are not counted),
+    everything else is patched, and the outputs are the unpatched model's."""
+    ref = build("llama", hidden_act="relu").eval()
+    model = fastlm.patch(copy.deepcopy(ref))
+    report = hf.patch_report(model)
+    assert "swiglu_mlp" not in report and report["attention"] == 2 and report["rms_norm"] == 5
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(model, "llama", ids, mask), outputs(ref, "llama", ids, mask),
+                                   rtol=1e-5, atol=1e-5)
