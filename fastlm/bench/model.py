@@ -254,6 +254,7 @@ def quantized_decode(quick: bool = False) -> dict:
         row["achieved_GBps"] = row["bytes_per_token"] * row["decode_b1_tok_s"] / 1e9
         row["pct_read_bw"] = 100 * row["achieved_GBps"] / bw
         out["rows"][name] = row
+        print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
         del model
     base = out["rows"]["torch fp32"]
     print(f"quantized decode, {out['config']['n_layer']} layers x {out['config']['d_model']} "
