@@ -186,6 +186,34 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k,
   return {qo, ko};
 }
 
+// One set of positions for a whole batch (training, a prompt): its table is made once, here,
+// rather than by every batch row's tasks; the sines and cosines would otherwise cost as much as
+// the rotation itself at small head counts.
+template <typename C>
+std::tuple<at::Tensor, at::Tensor> run_positions(const at::Tensor& q, const at::Tensor& k, int64_t r,
+                                                 const Angles<C>& an, bool interleaved, bool backward) {
+  if (an.position_batches != 1 || q.size(0) <= 1 || r == 0) return run(q, k, r, an, interleaved, backward);
+  const int64_t t_len = q.size(2);
+  auto tab = at::empty({2, 1, t_len, r}, q.options().dtype(rotary_angle_dtype(q)));
+  C* out = tab.data_ptr<C>();
+  const int64_t blocks = (t_len + kTB - 1) / kTB;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<C> buf(2 * kTB * r);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * kTB, n = std::min(kTB, t_len - t0);
+      const C *c, *s;
+      angle_rows(an, 0, t0, n, t_len, r, interleaved, buf.data(), &c, &s);
+      std::memcpy(out + t0 * r, c, n * r * sizeof(C));
+      std::memcpy(out + (t_len + t0) * r, s, n * r * sizeof(C));
+    }
+  });
+  Angles<C> table;
+  table.cos = out;
+  table.sin = out + t_len * r;
+  table.table_batches = 1;
+  return run(q, k, r, table, interleaved, backward);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rotary_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
@@ -216,11 +244,11 @@ std::tuple<at::Tensor, at::Tensor> rotary_pos_fwd_cpu(const at::Tensor& q, const
   if (q.scalar_type() == at::kDouble) {
     Angles<double> an;
     fill(an);
-    return run(q, k, rotary_dim, an, interleaved, backward);
+    return run_positions(q, k, rotary_dim, an, interleaved, backward);
   }
   Angles<float> an;
   fill(an);
-  return run(q, k, rotary_dim, an, interleaved, backward);
+  return run_positions(q, k, rotary_dim, an, interleaved, backward);
 }
 
 }  // namespace fastlm

@@ -268,12 +268,49 @@ def quantized_decode(quick: bool = False) -> dict:
     return out
 
 
+# The block variants compared at one parameter count: GPT-2's (learned positions, GELU) and
+# Llama's (rotary positions, SwiGLU at 2/3 width), each with its usual norm.
+ARCHITECTURES = {
+    "learned+gelu": dict(pos="learned", mlp="gelu"),
+    "rope+swiglu": dict(pos="rope", mlp="swiglu", norm="rmsnorm"),
+}
+
+
+def architecture_tokens_per_s(device: torch.device, quick: bool = False, reps: int | None = None) -> dict:
+    """Training-step tokens/s of each ARCHITECTURES variant of one preset on fastlm's best backend
+    for the device, timed in turns, with the parameter counts."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    preset, (b, t) = next(iter(_shapes(device, quick).items()))
+    backend = backends.choose("model", device)
+    steps, params = {}, {}
+    for name, over in ARCHITECTURES.items():
+        torch.manual_seed(0)
+        model = Transformer(TransformerConfig.preset(preset, **over)).to(device, dtype)
+        params[name] = model.num_params()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(0, model.config.vocab_size, (b, t + 1), device=device)
+        fn = functools.partial(_loss, model, backend)
+
+        def step(fn=fn, opt=opt, ids=ids):
+            fn(ids[:, :-1], ids[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    ms = harness.interleaved_ms(steps, device, warmup=2, reps=reps or (5 if quick else 15))
+    return {"case": f"{preset} {b}x{t}", "backend": backend,
+            "tokens_per_s": {n: b * t / (m * 1e-3) for n, m in ms.items()}, "params": params}
+
+
 def extra(device: torch.device, quick: bool) -> dict:
     tps = train_step_tokens_per_s(device, quick)
     print("training step (forward + backward + AdamW), tokens/s (median of interleaved runs):")
     for case, row in tps.items():
         print(f"  {case:<18}" + "  ".join(f"{name} {v:,.0f}" for name, v in row.items()))
-    res = {"train_step_tokens_per_s": tps}
+    arch = architecture_tokens_per_s(device, quick)
+    print(f"block variants, {arch['case']} on fastlm-{arch['backend']}, tokens/s (parameters):")
+    print("  " + "  ".join(f"{n} {v:,.0f} ({arch['params'][n] / 1e6:.2f} M)" for n, v in arch["tokens_per_s"].items()))
+    res = {"train_step_tokens_per_s": tps, "architectures": arch}
     if device.type == "cpu" and "cpu" in backends.available("cpu"):
         res["quantized_decode"] = quantized_decode(quick)
     return res
