@@ -155,6 +155,9 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = _norm(cfg)
+        # The output layer is the token embedding (tied); fastlm.quantize_(quantize_tied=True) puts a
+        # quantized copy of it here, which the logits then go through.
+        self.lm_head: nn.Module | None = None
         self.apply(self._init_weights)
         # GPT-2: each residual branch ends in a projection whose init shrinks with depth, so the
         # residual stream's variance does not grow with the number of layers.
@@ -222,7 +225,13 @@ class Transformer(nn.Module):
         if return_logits is None:
             return_logits = targets is None
         y = self.hidden(ids, caches, backend=backend)
-        logits = F.linear(y, self.wte.weight) if return_logits else None
+        head = self.lm_head
+        if head is not None:  # a quantized output layer computes the logits, loss included
+            return_logits = True
+        if return_logits:
+            logits = F.linear(y, self.wte.weight) if head is None else head(y)
+        else:
+            logits = None
         loss = None
         if targets is not None:
             if logits is not None:

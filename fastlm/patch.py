@@ -85,10 +85,30 @@ def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symm
             raise ValueError(f"quantize_: layer {name!r} ({mod.in_features} -> {mod.out_features}) cannot be "
                              f"quantized: {e}; leave it out with skip=") from None
         targets.append((name, mod))
+    kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, act_quant=act_quant, scale_dtype=scale_dtype)
     for name, mod in targets:
-        new = nn.QuantLinear.from_linear(mod, bits=bits, group_size=group_size, symmetric=symmetric,
-                                         act_quant=act_quant, scale_dtype=scale_dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        setattr(parent, child, nn.QuantLinear.from_linear(mod, **kw))
+    if quantize_tied:
+        _quantize_tied_head(model, kw)
     return model
+
+
+def _quantize_tied_head(model: torch.nn.Module, kw: dict) -> None:
+    """fastlm's Transformer applies its token embedding as the output layer (no Linear to swap):
+    with quantize_tied it gets a quantized copy in its lm_head slot, the largest single matrix of
+    a decode step; the embedding lookup keeps the float table."""
+    from fastlm.model import Transformer
+
+    if not isinstance(model, Transformer) or model.lm_head is not None:
+        return
+    wte = model.wte.weight
+    head = torch.nn.Linear(wte.shape[1], wte.shape[0], bias=False, device="meta")
+    head.weight = wte
+    try:
+        quant.check_params("quantize_", kw["bits"], kw["group_size"], wte.shape[1])
+    except ValueError as e:
+        raise ValueError(f"quantize_: the tied output layer ({wte.shape[1]} -> {wte.shape[0]}) cannot be "
+                         f"quantized: {e}") from None
+    model.lm_head = nn.QuantLinear.from_linear(head, **kw)

@@ -345,3 +345,29 @@ def test_quantize_a_weight_of_no_rows(backend, device, bits):
 def test_quantize_without_columns_names_weight():
     with pytest.raises(ValueError, match="weight has no columns"):
         quant.quantize(torch.randn(4, 0), bits=8)
+
+
+def test_quantize_tied_output_layer_of_the_transformer():
+    """fastlm's Transformer applies its embedding as the output layer; quantize_tied gives it a
+    quantized copy there (logits and loss through it), and the embedding lookup stays float."""
+    from fastlm.model import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, d_model=64, pos="rope", bias=False)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 96, (2, 6))
+    want, _ = model(ids)
+    fastlm.quantize_(model, bits=8)
+    assert model.lm_head is None  # tied: left alone without quantize_tied
+    fastlm.quantize_(model, bits=8, quantize_tied=True)
+    assert isinstance(model.lm_head, QuantLinear) and isinstance(model.wte.weight, torch.nn.Parameter)
+    got, loss = model(ids, ids)
+    y = model.hidden(ids)
+    torch.testing.assert_close(got, F.linear(y, model.lm_head.dequantize()), rtol=1e-4, atol=1e-4)
+    assert ((got - want).norm() / want.norm()).item() < 0.02  # int8 noise, no more
+    torch.testing.assert_close(loss, F.cross_entropy(got.flatten(0, 1), ids.reshape(-1)))
+    out = model.generate(ids, 3, temperature=0.0)
+    assert out.shape == (2, 9)
+    with pytest.raises(ValueError, match="tied output layer"):
+        fastlm.quantize_(Transformer(TransformerConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2,
+                                                       d_model=48)), bits=4, group_size=32, quantize_tied=True,
+                        skip=lambda name, mod: True)
