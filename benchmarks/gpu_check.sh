@@ -101,7 +101,7 @@ step tests-rest "$(limit 90 180)" bash -c 'run_tests "$@"' run_tests --junitxml=
 # ---- phase 2: speed ----------------------------------------------------------------------------
 # One process per op with its own limit, so one slow op cannot starve the others; the model last
 # (it compiles gpt2 twice) with whatever is left.
-for spec in norm:30 embedding:25 activation:25 rotary:20 attention:60 quant_matmul:40 model:90; do
+for spec in norm:30 embedding:25 activation:25 rotary:20 attention:60 quant_matmul:40 model:90 hf:60; do
   op=${spec%%:*}
   $PY -c "import sys, fastlm.bench as b; sys.exit('$op' not in b.OPS)" 2>/dev/null || continue
   if [ -n "$DRY" ]; then
