@@ -786,7 +786,8 @@ def test_table_is_large_enough():
 @pytest.mark.skipif(not CPU_BUILT or INTERPRET, reason="needs the cpu backend's fastlm._C; runs in the CPU suite")
 def test_custom_ops_refuse_a_meta_tensor_beside_real_ones():
     """A meta tensor among real ones routes a torch.ops.fastlm call to its fake, which must refuse
-    the mix rather than return an uninitialised tensor."""
+    the mix (a RuntimeError, as the kernels' own contract checks) rather than return an
+    uninitialised tensor."""
     x, meta = torch.randn(4, 8), torch.randn(8, device="meta")
     q, c = torch.randn(1, 2, 3, 8), torch.randn(1, 3, 8)
     calls = [
@@ -795,5 +796,5 @@ def test_custom_ops_refuse_a_meta_tensor_beside_real_ones():
         ("sin", lambda: torch.ops.fastlm.rotary_fwd(q, q, c, c.to("meta"), False, False, "cpu")),
     ]
     for name, call in calls:
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(RuntimeError, match=name):
             call()

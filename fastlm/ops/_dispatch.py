@@ -88,15 +88,16 @@ class KernelOp:
 
     def register_fake(self, fake: Callable) -> Callable:
         """fake(*args): outputs of the right shapes and dtypes, for the same args minus backend.
-        Tensors on more than one device are refused first: a meta tensor beside real ones sends the
-        call here, and a fake would answer with an uninitialised tensor instead of an error."""
+        Tensors on more than one device are refused first, with a RuntimeError as a kernel refuses a
+        broken contract: a meta tensor beside real ones sends the call here, and a fake would
+        answer with an uninitialised tensor instead of an error."""
         names = self._arg_names
 
         def checked(*args):
             on = [(n, a.device) for n, a in zip(names, args[:-1]) if isinstance(a, Tensor)]
             for n, d in on[1:]:
                 if d != on[0][1]:
-                    raise ValueError(f"fastlm.{self.name}: {n} is on {d} but {on[0][0]} is on {on[0][1]}")
+                    raise RuntimeError(f"fastlm.{self.name}: {n} is on {d} but {on[0][0]} is on {on[0][1]}")
             return fake(*args[:-1])
 
         self.op.register_fake(checked)
