@@ -105,14 +105,25 @@ torch.ops.load_library(sys.argv[1])
 schemas = [s for s in torch._C._jit_get_all_schemas() if s.name.startswith("fastlm_C::")]
 ops = sorted({s.name for s in schemas})
 assert "fastlm_C::norm_fwd" in ops, f"fastlm_C::norm_fwd not registered (found {ops})"
+# The CPU integer-dot path has no CUDA kernel by design (the GPU kernels keep their float path).
+CPU_ONLY = {"fastlm_C::quant_matmul_dot"}
+
+
+def composite(op):
+    """An op defined with its function (no tensor arguments: one kernel for every device)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeImplicitAutograd")
+
+
 missing = [
     f"{op} ({key})"
-    for op in ops
-    for key in ("CPU", "CUDA")
+    for op in ops if not composite(op)
+    for key in (("CPU",) if op in CPU_ONLY else ("CPU", "CUDA"))
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 ]
 assert not missing, f"ops without a kernel: {missing}"
+both = [op for op in ops if op not in CPU_ONLY and not composite(op)]
 print(f"cuda_link_check: loaded with torch {torch.__version__} (CUDA {torch.version.cuda}); "
-      f"CPU and CUDA kernels for {', '.join(ops)}")
+      f"CPU and CUDA kernels for {', '.join(both)}; CPU only: {', '.join(sorted(CPU_ONLY))}; "
+      f"device-free: {', '.join(op for op in ops if composite(op))}")
 EOF
 stamp "OK"
