@@ -246,8 +246,8 @@ def rotary_embedding(
         if cos.shape != sin.shape:
             raise ValueError(f"{op}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
         if chosen == "torch":
-            return (_torch_rotate(q, cos[:, None].to(q.dtype), sin[:, None].to(q.dtype), interleaved),
-                    _torch_rotate(k, cos[:, None].to(k.dtype), sin[:, None].to(k.dtype), interleaved))
+            c4, s4 = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)  # k has q's dtype (checked)
+            return _torch_rotate(q, c4, s4, interleaved), _torch_rotate(k, c4, s4, interleaved)
         angle = torch.float64 if q.dtype == torch.float64 else torch.float32
         cos, sin = cos.to(angle).contiguous(), sin.to(angle).contiguous()
         return rotary_fwd(_unit_last(q), _unit_last(k), cos, sin, bool(interleaved), False, backend=chosen)
