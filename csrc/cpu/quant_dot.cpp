@@ -234,17 +234,15 @@ inline void quant_block(const T* x, __m256i& q, float& d, int32_t& sum) {
 
 struct ActBuf {
   int8_t* q;
-  float *d, *de, *corr;
+  float *d, *corr;
 };
 
-// Row i of x into the kernel order of quant_dot.h, its block scales, their per-lane copies and
-// the zero-point sums.
+// Row i of x into the kernel order of quant_dot.h, its block scales and the zero-point sums.
 template <typename T>
 void quant_row(const T* x, int64_t k, int bits, int64_t group, int sb, const ActBuf& a, int64_t i) {
-  const int64_t nb = k / kBlock, groups = k / group, lanes = bits == 4 ? 4 : 8;
+  const int64_t nb = k / kBlock, groups = k / group;
   int8_t* q = a.q + i * k;
   float* d = a.d + i * nb;
-  float* de = a.de + i * nb * lanes;
   float* corr = bits == 4 ? a.corr + i * groups : a.corr + i;
   // Even k to the low 8 bytes of each 128-bit lane, odd k to the high 8.
   const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
@@ -255,7 +253,6 @@ void quant_row(const T* x, int64_t k, int bits, int64_t group, int sb, const Act
     __m256i v;
     int32_t sum;
     quant_block(x + b * kBlock, v, d[b], sum);
-    for (int64_t l = 0; l < lanes; ++l) de[b * lanes + l] = d[b];
     if (bits == 8) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), v);
       total += static_cast<double>(d[b]) * sum;
@@ -361,12 +358,12 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   if (m == 0 || n == 0) return y.to(x.scalar_type());
 
   const Isa isa = current_isa();
-  const int64_t nb = k / kBlock, lanes = bits == 4 ? 4 : 8, ncorr = bits == 4 ? groups : 1;
-  // One float buffer: d (M, nb), de (M, nb * lanes), corr (M, ncorr), then q (M, K) bytes.
-  const int64_t floats = m * (nb + nb * lanes + ncorr);
+  const int64_t nb = k / kBlock, ncorr = bits == 4 ? groups : 1;
+  // One float buffer: d (M, nb), corr (M, ncorr), then q (M, K) bytes.
+  const int64_t floats = m * (nb + ncorr);
   at::Tensor work = at::empty({floats + (m * k + 3) / 4}, y.options());
   float* base = work.data_ptr<float>();
-  const ActBuf a{reinterpret_cast<int8_t*>(base + floats), base, base + m * nb, base + m * nb * (1 + lanes)};
+  const ActBuf a{reinterpret_cast<int8_t*>(base + floats), base, base + m * nb};
   const int sb = super_blocks(isa);
   // Serial: at most 64 rows, tens of microseconds; an OpenMP region here left its threads spinning
   // on the cores that the pool's helpers then needed (M = 8 measured 5x slower than M = 4).
@@ -382,7 +379,7 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   }
   at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
-  const Problem p{Act{a.q, a.d, a.de, a.corr},
+  const Problem p{Act{a.q, a.d, a.corr},
                   static_cast<const uint8_t*>(qweight.data_ptr()),
                   scales.data_ptr(),
                   has_zeros ? zeros->data_ptr() : nullptr,

@@ -21,8 +21,9 @@ constexpr int64_t kBlock = 32;  // k per activation block
 // first half and the high nibbles (odd k) with the second, with no shuffle of the weights.
 struct Act {
   const int8_t* q;       // (M, K) quantized x, kernel order
-  const float* d;        // (M, K / 32) block scales
-  const float* de;       // (M, K / 32 * L) block scales repeated per int32 lane (L: 4 int4, 8 int8)
+  const float* d;        // (M, K / 32) block scales; kernels widen them to their int32 lanes in
+                         // registers (a per-lane copy in memory would be 8x the bytes of q for
+                         // int8 and push x out of L1 once K passes ~8K)
   const float* corr;     // int4: (M, groups) sum over a group's blocks of d * sum(q); int8: (M) the
                          // same over all blocks times 128 (the 512-bit kernel's offset)
 };

@@ -75,6 +75,12 @@ QD_TARGET inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// x's block scales d[0], d[1] in lanes 0-3 and 4-7 (int4: a 32-byte step is two blocks).
+QD_TARGET inline __m256 widen2(const float* d) {
+  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 QD_TARGET inline void prefetch(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
 }
@@ -137,7 +143,7 @@ QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
         const int8_t* xq = p.a.q + mm * p.k + j * 64;
         const __m256i i = dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)), hi,
                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-        const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(p.a.de + mm * nb * 4 + b * 4), sw);
+        const __m256 sc = _mm256_mul_ps(widen2(p.a.d + mm * nb + b), sw);
         acc[j & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[j & 1][m]);
       }
     }

@@ -46,6 +46,18 @@ QD_TARGET inline __m512 loadc(const void* p, int64_t i, ScaleType t) {
 
 QD_TARGET inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// x's block scales d[0], d[1] in lanes 0-7 and 8-15 (int8: a 64-byte step is two blocks).
+QD_TARGET inline __m512 widen2(const float* d) {
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d)))));
+}
+
+// d[0..3] in lanes 4b..4b+3 (int4: a 64-byte step is a super-block of four blocks).
+QD_TARGET inline __m512 widen4(const float* d) {
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(d)));
+}
+
 QD_TARGET inline void prefetch(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
 }
@@ -86,7 +98,7 @@ QD_TARGET void rows_int8_nb(const Problem& p, int64_t n, int64_t m0) {
     for (int m = 0; m < MB; ++m) {
       const int64_t mm = m0 + m;
       const __m512i x = _mm512_loadu_si512(p.a.q + mm * p.k + j * 64);
-      const __m512 de = _mm512_loadu_ps(p.a.de + mm * nb * 8 + j * 16);
+      const __m512 de = widen2(p.a.d + mm * nb + 2 * j);
       for (int r = 0; r < NB; ++r) {
         const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], x);
         acc[j % U][r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), de, acc[j % U][r][m]);
@@ -172,7 +184,7 @@ QD_TARGET void rows_int4_nb(const Problem& p, int64_t n, int64_t m0) {
       const int64_t mm = m0 + m;
       const int8_t* xq = p.a.q + mm * p.k + j * 128;
       const __m512i x0 = _mm512_loadu_si512(xq), x1 = _mm512_loadu_si512(xq + 64);
-      const __m512 de = _mm512_loadu_ps(p.a.de + mm * nb * 4 + j * 16);
+      const __m512 de = widen4(p.a.d + mm * nb + 4 * j);
       for (int r = 0; r < NB; ++r) {
         const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x0), hi[r], x1);
         acc[j % U][r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(de, sw[r]), acc[j % U][r][m]);
