@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fastlm import data as fdata
 from fastlm import metrics
 from fastlm.backends import BACKENDS
-from fastlm.lora import LoRALinear, apply_lora, lora_state_dict, trainable_parameters
+from fastlm.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, trainable_parameters
 from fastlm.model import Transformer, TransformerConfig
 from fastlm.patch import quantize_
 from fastlm.train import (
@@ -276,6 +276,26 @@ def _save(dest: Path, model: TransformerClassifier, info: dict, tokenizer: Path,
         os.replace(dest, old)
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def merge_classifier(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write to out the classifier at path with its LoRA adapters merged into the weights
+    (quantized again in the base's format when the base was quantized); returns out."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"merge-lora: {out} exists; give a new directory")
+    model, info = load_classifier(path)
+    if not info.get("lora"):
+        raise ValueError(f"merge-lora: {info['dir']} has no LoRA adapters to merge")
+    merge_lora(model.encoder)
+    q = info.get("quant")
+    if q:
+        quantize_(model.encoder, bits=q["bits"], group_size=q["group_size"])
+    src = Path(info["dir"])
+    saved = _read_json(src / CLASSIFIER_FILE)  # as written, without the backend load_classifier set
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(out, model, {k: v for k, v in saved.items() if k != "lora"}, src / "tokenizer.json")
+    return out
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, ckpt: Path) -> None:

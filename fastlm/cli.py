@@ -228,6 +228,7 @@ def _eval(args) -> int:
         pass
     else:
         return _eval_classifier(args)
+    args.data = args.data or "data/shakespeare"
     try:
         model, _tok, device = _load(args)
         tokens = data.load_tokens(args.data, args.split)
@@ -285,6 +286,8 @@ def _eval_classifier(args) -> int:
 
     try:
         model, info, _tok, device = _classifier_and_data(args)
+        if args.data is None:  # the directory `fastlm data --dataset` wrote for the checkpoint's set
+            args.data = f"data/{info.get('dataset') or '20newsgroups'}"
         _, ids, ys, meta = data.load_labelled(args.data, args.split)
         classify.check_labels(info, meta, "eval")
         if Path(args.data, "tokenizer.json").read_bytes() != Path(info["dir"], "tokenizer.json").read_bytes():
@@ -324,6 +327,18 @@ def _classify(args) -> int:
     return 0
 
 
+def _merge_lora(args) -> int:
+    from fastlm import classify, train
+
+    try:
+        out = classify.merge_classifier(args.ckpt, args.out)
+    except (train.CheckpointError, ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    again = " (quantized again, as the base was)" if classify.load_classifier(out)[1].get("quant") else ""
+    print(f"wrote {out}: the adapters merged into the base's weights{again}")
+    return 0
+
+
 def _baseline(args) -> int:
     from fastlm import classify, metrics
 
@@ -354,6 +369,14 @@ def _classifier_parsers(sub) -> None:
     s.add_argument("--device", help="default: cuda when present, else cpu")
     s.add_argument("--backend", choices=BACKENDS, help="fastlm backend (default: best available)")
     s.set_defaults(func=_classify)
+    s = sub.add_parser("merge-lora", help="fold a LoRA classifier's adapters into its weights",
+                       description="Write a classifier checkpoint whose Linear weights are the base's plus the "
+                                   "adapters' update: no adapters at run time. A quantized base is dequantized, "
+                                   "merged and quantized again in its format (outputs then move by that "
+                                   "rounding); a float base gives the same outputs.")
+    s.add_argument("--ckpt", required=True, help="a LoRA classifier's run or checkpoint directory")
+    s.add_argument("--out", required=True, help="the merged checkpoint's directory (must not exist)")
+    s.set_defaults(func=_merge_lora)
     s = sub.add_parser("baseline", help="TF-IDF + logistic regression on a labelled data directory's test split")
     s.add_argument("--data", default="data/20newsgroups", help="(default: %(default)s)")
     s.add_argument("--C", type=float, default=10.0, help="inverse regularisation; C/10, C, 10C are tried on val")
@@ -412,7 +435,8 @@ def _lm_parsers(sub) -> None:
             s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token")
             s.set_defaults(func=_generate)
         else:
-            s.add_argument("--data", default="data/shakespeare", help="token directory (default: %(default)s)")
+            s.add_argument("--data", help="token directory (default: data/shakespeare; for a classifier, "
+                                          "data/<its dataset>)")
             s.add_argument("--split", choices=["train", "val", "test"], default="val",
                            help="test: only a classifier's data has one (default: %(default)s)")
             s.add_argument("--png", help="a classifier's confusion matrix PNG (default: <ckpt>/confusion-<split>.png)")

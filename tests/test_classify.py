@@ -150,9 +150,9 @@ def test_unknown_label_is_a_clear_error():
 
 
 def _run(data_dir, out, **kw):
+    kw = {"max_len": 32, "batch_size": 16, "steps": 40, "eval_every": 10, "lr": 3e-3, "warmup": 5, **kw}
     cfg = classify.ClassifyConfig(data=str(data_dir), out=str(out), model={"block_size": 32, "n_layer": 2,
-                                  "n_head": 2, "d_model": 32}, max_len=32, batch_size=16, steps=40,
-                                  eval_every=10, lr=3e-3, warmup=5, progress=False, seed=0, **kw)
+                                  "n_head": 2, "d_model": 32}, progress=False, seed=0, **kw)
     return cfg, classify.train_classifier(cfg)
 
 
@@ -206,6 +206,29 @@ def test_lora_and_quantized_base_train_only_adapters_head_and_norms(data_dir, tm
     assert summary["best"] > 0.6, summary
 
 
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_merging_the_adapters_keeps_the_predictions(data_dir, tmp_path, quant):
+    _run(data_dir, tmp_path / "r", lora=4, quant=quant, group_size=32, steps=20)
+    # A trained adapter (lora_b starts at zero) so that the merge has something to fold in.
+    lora, info = classify.load_classifier(tmp_path / "r")
+    assert any(float(v.abs().max()) > 0 for k, v in lora.state_dict().items() if k.endswith(".lora_b"))
+    out = classify.merge_classifier(tmp_path / "r", tmp_path / "merged")
+    merged, minfo = classify.load_classifier(out)
+    assert "lora" not in minfo and minfo.get("quant") == info.get("quant")
+    assert not any(isinstance(m, classify.LoRALinear) for m in merged.modules())
+    assert any(n.endswith("qweight") for n, _ in merged.named_buffers()) == bool(quant)
+    _, ids, ys, meta = data.load_labelled(data_dir, "test")
+    want, got = (torch.from_numpy(classify.predict(m, ids, info, meta)[1]).double() for m in (lora, merged))
+    if quant is None:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    else:  # the merged weights are rounded to the base's grid again: close, not equal
+        assert float((got - want).norm() / want.norm()) < (0.05 if quant == "int8" else 0.2)
+    with pytest.raises(ValueError, match="exists"):
+        classify.merge_classifier(tmp_path / "r", out)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        classify.merge_classifier(out, tmp_path / "again")
+
+
 def test_bad_checkpoints_and_label_sets(data_dir, tmp_path):
     with pytest.raises(classify.CheckpointError, match="no classifier checkpoint"):
         classify.load_classifier(tmp_path)
@@ -238,6 +261,10 @@ def test_command_line(data_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "macro avg" in out and "accuracy" in out and (tmp_path / "cm.png").stat().st_size > 1000
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 45
+    assert cli.main(["merge-lora", "--ckpt", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged into the base's weights" in capsys.readouterr().out
+    assert cli.main(["classify", "--ckpt", str(tmp_path / "merged"), "a rocket to the moon"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in WORDS
     assert cli.main(["classify", "--ckpt", str(run), "rocket moon orbit", "cheese bread"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(ln.split("\t")[0] in ("food", "space", "sport") for ln in lines)

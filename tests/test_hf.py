@@ -405,3 +405,13 @@ def test_a_layer_fastlm_does_not_cover_keeps_its_own_forward():
     with torch.no_grad():
         torch.testing.assert_close(outputs(model, "llama", ids, mask), outputs(ref, "llama", ids, mask),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_the_benchmark_measures_a_patched_step_at_the_shape_it_is_given():
+    from fastlm.bench import hf as bench_hf
+
+    r = bench_hf.measure("llama-100m", "transformers+fastlm", "cpu", quick=True,
+                         shape=dict(batch=1, seq=16, reps=1), train_only=True)
+    assert set(r) == {"train_tokens_per_s", "train_step_s", "train_peak_bytes", "swapped", "params"}
+    assert r["train_tokens_per_s"] == pytest.approx(16 / r["train_step_s"])
+    assert r["swapped"] == COUNTS["llama"]  # the quick model has 2 layers

@@ -52,11 +52,13 @@ QD_TARGET inline __m512 widen2(const float* d) {
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d)))));
 }
 
-// d[0..3] in lanes 4b..4b+3 (int4: a 64-byte step is a super-block of four blocks).
-QD_TARGET inline __m512 widen4(const float* d) {
+// v[b] in lanes 4b..4b+3 (int4: a 64-byte step is a super-block of four blocks).
+QD_TARGET inline __m512 widen4_reg(__m128 v) {
   const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(d)));
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
 }
+
+QD_TARGET inline __m512 widen4(const float* d) { return widen4_reg(_mm_loadu_ps(d)); }
 
 QD_TARGET inline void prefetch(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
@@ -152,6 +154,23 @@ QD_TARGET inline __m512 quad_scales(const Problem& p, int64_t g0, int64_t b) {
   }
 }
 
+// The same four blocks' scales, one per block, in a 128-bit register: with one row of x, the
+// product with x's four block scales is taken there and widened once (one permute, not two).
+template <int BPG>
+QD_TARGET inline __m128 block_scales4(const Problem& p, int64_t g0, int64_t b) {
+  const int64_t g = g0 + b / BPG;
+  if constexpr (BPG == 4) return _mm_set1_ps(to_float(p.scales, g, p.scale_type));
+  __m128 s;
+  if (p.scale_type == ScaleType::f32) {
+    s = BPG == 1 ? _mm_loadu_ps(static_cast<const float*>(p.scales) + g)
+                 : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(static_cast<const float*>(p.scales) + g)));
+  } else {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.scales) + g));
+    s = p.scale_type == ScaleType::f16 ? _mm_cvtph_ps(h) : _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+  }
+  return BPG == 1 ? s : _mm_unpacklo_ps(s, s);  // BPG 2: (s0, s0, s1, s1)
+}
+
 // NB weight rows from n at once for MB rows of x: each load of x serves NB rows (loads, not the
 // dot products, bounded the one-row version at M > 1). One accumulator per (row, x row), two
 // (even and odd steps) when there are fewer than four such chains to overlap.
@@ -178,16 +197,19 @@ QD_TARGET void rows_int4_nb(const Problem& p, int64_t n, int64_t m0) {
       const __m512i v = _mm512_loadu_si512(row[r] + j * 64);
       lo[r] = _mm512_and_si512(v, low);
       hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      sw[r] = quad_scales<BPG>(p, g0[r], 4 * j);
+      if constexpr (MB > 1) sw[r] = quad_scales<BPG>(p, g0[r], 4 * j);
     }
     for (int m = 0; m < MB; ++m) {
       const int64_t mm = m0 + m;
       const int8_t* xq = p.a.q + mm * p.k + j * 128;
       const __m512i x0 = _mm512_loadu_si512(xq), x1 = _mm512_loadu_si512(xq + 64);
-      const __m512 de = widen4(p.a.d + mm * nb + 4 * j);
+      const float* d = p.a.d + mm * nb + 4 * j;
+      const __m512 de = MB > 1 ? widen4(d) : _mm512_setzero_ps();
       for (int r = 0; r < NB; ++r) {
         const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x0), hi[r], x1);
-        acc[j % U][r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(de, sw[r]), acc[j % U][r][m]);
+        const __m512 sc = MB > 1 ? _mm512_mul_ps(de, sw[r])
+                                 : widen4_reg(_mm_mul_ps(_mm_loadu_ps(d), block_scales4<BPG>(p, g0[r], 4 * j)));
+        acc[j % U][r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[j % U][r][m]);
       }
     }
   }

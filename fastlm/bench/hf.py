@@ -45,7 +45,8 @@ COMPETITORS = ("transformers", "transformers+fastlm", "torch.compile")
 def _shape(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
         return dict(batch=8, seq=512, prompt=512, new=32, reps=5 if quick else 10)
-    # Two CPU cores: an 8 x 512 step of a 100 M model takes minutes, so the CPU runs 2 x 512.
+    # Two CPU cores: an 8 x 512 step of the 100 M model takes about 25 s, so `fastlm bench` runs
+    # 2 x 512 on a CPU to stay within minutes; `python -m fastlm.bench.hf --batch 8` runs 8 x 512.
     return dict(batch=1, seq=128, prompt=128, new=8, reps=2) if quick else \
         dict(batch=2, seq=512, prompt=512, new=8, reps=2)
 
@@ -122,19 +123,22 @@ def _infer(model, fwd, shape: dict, device: torch.device, decode: bool) -> dict:
     return out
 
 
-def measure(name: str, competitor: str, device: str, quick: bool) -> dict:
-    """One model and competitor, in this process."""
+def measure(name: str, competitor: str, device: str, quick: bool, shape: dict | None = None,
+            train_only: bool = False) -> dict:
+    """One model and competitor, in this process; shape overrides the device's default one."""
     import fastlm
 
     dev = torch.device(device)
-    shape = _shape(dev, quick)
+    shape = {**_shape(dev, quick), **(shape or {})}
     model = _build(name, quick, dev)
     fwd = model
     if competitor == "transformers+fastlm":
         fastlm.patch(model)
     elif competitor == "torch.compile":
         fwd = torch.compile(model)
-    res = {**_train(model, fwd, shape, dev), **_infer(model, fwd, shape, dev, competitor != "torch.compile")}
+    res = _train(model, fwd, shape, dev)
+    if not train_only:
+        res.update(_infer(model, fwd, shape, dev, competitor != "torch.compile"))
     if competitor == "transformers+fastlm":
         res["swapped"] = fastlm.hf.patch_report(model)
     res["params"] = sum(p.numel() for p in model.parameters())
@@ -153,24 +157,28 @@ def cases(device: torch.device, quick: bool = False) -> list:
 def _row(name: str, comp: str, r: dict, base: dict) -> str:
     speed = r["train_tokens_per_s"] / base["train_tokens_per_s"]
     dec = f"{r['decode_ms_per_token']:.1f}" if "decode_ms_per_token" in r else "-"
-    return (f"{name:<12}{comp:<22}{r['train_tokens_per_s']:>12.0f}{speed:>8.2f}x{r['train_peak_bytes'] / 2**20:>11.0f}"
-            f"{r['prefill_ms']:>12.1f}{dec:>12}")
+    pre = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "-"
+    return (f"{name:<12}{comp:<22}{r['train_tokens_per_s']:>12.1f}{speed:>8.2f}x{r['train_peak_bytes'] / 2**20:>11.0f}"
+            f"{pre:>12}{dec:>12}")
 
 
-def extra(device: torch.device, quick: bool = False) -> dict:
+def extra(device: torch.device, quick: bool = False, shape: dict | None = None, train_only: bool = False,
+          models: tuple = tuple(MODELS)) -> dict:
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:
         print("hf: skipped, transformers is not installed (pip install fastlm[hf])")
         return {"skipped": "transformers is not installed"}
-    shape = _shape(device, quick)
-    print(f"hf: training step at {shape['batch']} x {shape['seq']} tokens, prefill of {shape['prompt']}, "
-          f"decode of {shape['new']} tokens after it; median of {shape['reps']}")
+    shape = {**_shape(device, quick), **(shape or {})}
+    print(f"hf: training step at {shape['batch']} x {shape['seq']} tokens"
+          + ("" if train_only else f", prefill of {shape['prompt']}, decode of {shape['new']} tokens after it")
+          + f"; median of {shape['reps']}")
     results: dict = {"shape": shape, "models": {}}
-    for name in MODELS:
+    for name in models:
         per = results["models"][name] = {}
         for comp in COMPETITORS:
-            args = json.dumps(dict(name=name, competitor=comp, device=str(device), quick=quick))
+            args = json.dumps(dict(name=name, competitor=comp, device=str(device), quick=quick, shape=shape,
+                                   train_only=train_only))
             code = "from fastlm.bench.hf import _worker; _worker()"
             proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -189,3 +197,24 @@ def extra(device: torch.device, quick: bool = False) -> dict:
         if "transformers+fastlm" in per:
             print(f"{'':<12}swapped: {per['transformers+fastlm']['swapped']}")
     return results
+
+
+if __name__ == "__main__":
+    # Another shape than `fastlm bench --op hf`'s, e.g. the 8 x 512 training step on a CPU:
+    #   python -m fastlm.bench.hf --batch 8 --seq 512 --train-only --model llama-100m --json out.json
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--reps", type=int)
+    p.add_argument("--model", action="append", choices=tuple(MODELS), help="(default: all)")
+    p.add_argument("--train-only", action="store_true", help="skip prefill and decode")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args()
+    over = {k: v for k, v in dict(batch=a.batch, seq=a.seq, reps=a.reps).items() if v}
+    out = extra(torch.device(a.device), shape=over, train_only=a.train_only, models=tuple(a.model or MODELS))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
