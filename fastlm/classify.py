@@ -94,6 +94,8 @@ class ClassifyConfig:
     pooling: str = _field("mean", "how token states become one vector", choices=POOLINGS)
     lora: int = _field(0, "LoRA rank of the attention and MLP matrices (base frozen); 0 = full fine-tuning")
     lora_alpha: float | None = _field(None, "LoRA alpha (default: twice the rank)")
+    lora_embeddings: bool = _field(False, "with --lora, train the token embedding too (as PEFT's modules_to_save): "
+                                          "what a small or briefly pretrained base lacks is mostly there")
     quant: str | None = _field(None, "quantize the frozen base's Linear weights (needs --lora)",
                                choices=("int8", "int4"))
     group_size: int = _field(128, "int4 group size along K", choices=(32, 64, 128))
@@ -125,6 +127,8 @@ class ClassifyConfig:
                 raise ValueError(f"ClassifyConfig: {f.name} must be one of {', '.join(map(str, choices))}, got {v!r}")
         if self.lora < 0 or self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("ClassifyConfig: lora, warmup, grad_clip and weight_decay must be >= 0")
+        if self.lora_embeddings and not self.lora:
+            raise ValueError("ClassifyConfig: lora_embeddings is for a LoRA run; full fine-tuning trains them anyway")
         if self.quant and not self.lora:
             raise ValueError("ClassifyConfig: a quantized base is frozen; give --lora RANK for adapters to train")
         if self.max_len < 2:
@@ -135,7 +139,8 @@ class ClassifyConfig:
 
 
 def _adapt(model: TransformerClassifier, info: dict) -> None:
-    """Quantize and add adapters as info says; norms and head stay trainable with adapters."""
+    """Quantize and add adapters as info says; norms and head (and the token embedding, if info
+    says so) stay trainable with adapters."""
     q = info.get("quant")
     if q:
         quantize_(model.encoder, bits=q["bits"], group_size=q["group_size"])
@@ -145,6 +150,8 @@ def _adapt(model: TransformerClassifier, info: dict) -> None:
         for name, p in model.encoder.named_parameters():
             if ".norm" in f".{name}" and ".base." not in name:
                 p.requires_grad_(True)
+        if lo.get("embeddings"):
+            model.encoder.wte.weight.requires_grad_(True)
 
 
 def build(info: dict, where: Path = Path(CLASSIFIER_FILE)) -> TransformerClassifier:
@@ -206,7 +213,8 @@ def _init_info(cfg: ClassifyConfig, meta: dict) -> tuple[dict, dict | None]:
     info = {"kind": "classifier", "model": {**model_cfg.to_dict(), "backend": None}, "labels": meta["labels"],
             "dataset": meta.get("dataset"), "pooling": cfg.pooling, "dropout": cfg.dropout, "max_len": cfg.max_len,
             "init": cfg.init,
-            "lora": {"rank": cfg.lora, "alpha": cfg.lora_alpha or 2.0 * cfg.lora} if cfg.lora else None,
+            "lora": {"rank": cfg.lora, "alpha": cfg.lora_alpha or 2.0 * cfg.lora,
+                     "embeddings": cfg.lora_embeddings} if cfg.lora else None,
             "quant": {"bits": 8 if cfg.quant == "int8" else 4, "group_size": cfg.group_size} if cfg.quant else None}
     return info, state
 
@@ -256,7 +264,8 @@ def _save(dest: Path, model: TransformerClassifier, info: dict, tokenizer: Path,
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
-    # The trainable tensors alone (adapters, norms, head): what a LoRA run adds to its base.
+    # The trainable tensors alone (adapters, norms, head, the embedding if trained): what a LoRA
+    # run adds to its base.
     if info.get("lora"):
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         save_file({k: v for k, v in state.items() if k in trained or k in lora_state_dict(model)},

@@ -206,6 +206,19 @@ def test_lora_and_quantized_base_train_only_adapters_head_and_norms(data_dir, tm
     assert summary["best"] > 0.6, summary
 
 
+def test_lora_embeddings_trains_the_token_embedding_too(data_dir, tmp_path):
+    _, summary = _run(data_dir, tmp_path / "r", lora=4, lora_embeddings=True, quant="int8", group_size=32, steps=10)
+    model, info = classify.load_classifier(tmp_path / "r")
+    assert info["lora"]["embeddings"] is True
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "encoder.wte.weight" in trainable
+    assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = classify._read_tensors(tmp_path / "r" / "best" / "adapters.safetensors")
+    assert "encoder.wte.weight" in base
+    with pytest.raises(ValueError, match="lora_embeddings is for a LoRA run"):
+        classify.ClassifyConfig(lora_embeddings=True).check()
+
+
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_merging_the_adapters_keeps_the_predictions(data_dir, tmp_path, quant):
     _run(data_dir, tmp_path / "r", lora=4, quant=quant, group_size=32, steps=20)
