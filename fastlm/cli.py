@@ -334,7 +334,8 @@ def _merge_lora(args) -> int:
         out = classify.merge_classifier(args.ckpt, args.out)
     except (train.CheckpointError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
-    again = " (quantized again, as the base was)" if classify.load_classifier(out)[1].get("quant") else ""
+    quantized = classify._read_json(out / classify.CLASSIFIER_FILE).get("quant")
+    again = " (quantized again, as the base was)" if quantized else ""
     print(f"wrote {out}: the adapters merged into the base's weights{again}")
     return 0
 

@@ -53,12 +53,11 @@ QD_TARGET inline __m512 widen2(const float* d) {
 }
 
 // v[b] in lanes 4b..4b+3 (int4: a 64-byte step is a super-block of four blocks).
-QD_TARGET inline __m512 widen4_reg(__m128 v) {
+QD_TARGET inline __m512 widen4(__m128 v) {
   const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
 }
 
-QD_TARGET inline __m512 widen4(const float* d) { return widen4_reg(_mm_loadu_ps(d)); }
 
 QD_TARGET inline void prefetch(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
@@ -191,24 +190,28 @@ QD_TARGET void rows_int4_nb(const Problem& p, int64_t n, int64_t m0) {
       for (int m = 0; m < MB; ++m) acc[u][r][m] = _mm512_setzero_ps();
   for (int64_t j = 0; j < quads; ++j) {
     __m512i lo[NB], hi[NB];
-    __m512 sw[NB];
+    __m512 sw[NB];  // M > 1: the row's scales per lane, shared by the rows of x
+    __m128 s4[NB];  // M = 1: per block, multiplied by x's block scales before widening
     for (int r = 0; r < NB; ++r) {
       prefetch(row[r] + j * 64);
       const __m512i v = _mm512_loadu_si512(row[r] + j * 64);
       lo[r] = _mm512_and_si512(v, low);
       hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      if constexpr (MB > 1) sw[r] = quad_scales<BPG>(p, g0[r], 4 * j);
+      if constexpr (MB > 1) {
+        sw[r] = quad_scales<BPG>(p, g0[r], 4 * j);
+      } else {
+        s4[r] = block_scales4<BPG>(p, g0[r], 4 * j);
+      }
     }
     for (int m = 0; m < MB; ++m) {
       const int64_t mm = m0 + m;
       const int8_t* xq = p.a.q + mm * p.k + j * 128;
       const __m512i x0 = _mm512_loadu_si512(xq), x1 = _mm512_loadu_si512(xq + 64);
-      const float* d = p.a.d + mm * nb + 4 * j;
-      const __m512 de = MB > 1 ? widen4(d) : _mm512_setzero_ps();
+      const __m128 d4 = _mm_loadu_ps(p.a.d + mm * nb + 4 * j);
+      const __m512 de = widen4(d4);  // unused (and dropped by the compiler) when MB == 1
       for (int r = 0; r < NB; ++r) {
         const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x0), hi[r], x1);
-        const __m512 sc = MB > 1 ? _mm512_mul_ps(de, sw[r])
-                                 : widen4_reg(_mm_mul_ps(_mm_loadu_ps(d), block_scales4<BPG>(p, g0[r], 4 * j)));
+        const __m512 sc = MB > 1 ? _mm512_mul_ps(de, sw[r]) : widen4(_mm_mul_ps(d4, s4[r]));
         acc[j % U][r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[j % U][r][m]);
       }
     }
