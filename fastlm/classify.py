@@ -100,6 +100,10 @@ class ClassifyConfig:
                                choices=("int8", "int4"))
     group_size: int = _field(128, "int4 group size along K", choices=(32, 64, 128))
     max_len: int = _field(256, "tokens per example, <|cls|> included; longer ones are cut", positive=True)
+    long: str = _field("head", "a longer example: head = its first max_len - 1 tokens; windows = a random window "
+                               "of them per step in training, and the mean of the probabilities of up to "
+                               "--windows windows spanning it in prediction", choices=("head", "windows"))
+    windows: int = _field(8, "most windows per example in prediction with --long windows", positive=True)
     batch_size: int = _field(32, "examples per optimizer step", positive=True)
     steps: int = _field(2000, "most optimizer steps", positive=True)
     lr: float = _field(1e-3, "peak learning rate")
@@ -212,7 +216,7 @@ def _init_info(cfg: ClassifyConfig, meta: dict) -> tuple[dict, dict | None]:
                          f"{model_cfg.block_size}")
     info = {"kind": "classifier", "model": {**model_cfg.to_dict(), "backend": None}, "labels": meta["labels"],
             "dataset": meta.get("dataset"), "pooling": cfg.pooling, "dropout": cfg.dropout, "max_len": cfg.max_len,
-            "init": cfg.init,
+            "windows": cfg.windows if cfg.long == "windows" else 1, "init": cfg.init,
             "lora": {"rank": cfg.lora, "alpha": cfg.lora_alpha or 2.0 * cfg.lora,
                      "embeddings": cfg.lora_embeddings} if cfg.lora else None,
             "quant": {"bits": 8 if cfg.quant == "int8" else 4, "group_size": cfg.group_size} if cfg.quant else None}
@@ -225,16 +229,28 @@ def _init_info(cfg: ClassifyConfig, meta: dict) -> tuple[dict, dict | None]:
 @torch.no_grad()
 def predict(model: TransformerClassifier, ids: list[list[int]], info: dict, meta: dict, batch_size: int = 64,
             device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, probabilities (N, C)) of each sequence, in the given order."""
-    batches = fdata.LabelledBatches(ids, [0] * len(ids), batch_size, info["max_len"], cls_id=meta["cls_id"],
+    """(predicted class, probabilities (N, C)) of each sequence, in the given order: of its first
+    max_len - 1 tokens, or the mean over the windows that span it when info["windows"] > 1."""
+    most, width = info.get("windows", 1), info["max_len"] - 1
+    owner, pieces = [], []
+    for i, s in enumerate(ids):
+        w = fdata.windows(s, width, most) if most > 1 else [s]
+        owner += [i] * len(w)
+        pieces += w
+    batches = fdata.LabelledBatches(pieces, [0] * len(pieces), batch_size, info["max_len"], cls_id=meta["cls_id"],
                                     pad_id=meta["pad_id"], shuffle=False)
     was = model.training
     model.eval()
-    probs = np.zeros((len(ids), len(info["labels"])), dtype=np.float64)
+    probs = np.zeros((len(pieces), len(info["labels"])), dtype=np.float64)
     for members in batches._order:
         x, m, _ = batches.collate(members, device)
         probs[members] = model(x, m).float().softmax(-1).cpu().numpy()
     model.train(was)
+    if len(pieces) > len(ids):
+        owner = np.asarray(owner)
+        total = np.zeros((len(ids), probs.shape[1]))
+        np.add.at(total, owner, probs)
+        probs = total / np.bincount(owner, minlength=len(ids))[:, None]
     return probs.argmax(1), probs
 
 
@@ -375,7 +391,8 @@ def _start(cfg: ClassifyConfig) -> _Run:
     _adapt(model, info)
     model.to(device)
     batches = fdata.LabelledBatches(train_ids, train_y, cfg.batch_size, cfg.max_len, cls_id=meta["cls_id"],
-                                    pad_id=meta["pad_id"], seed=cfg.seed)
+                                    pad_id=meta["pad_id"], seed=cfg.seed,
+                                    crop="random" if cfg.long == "windows" else "head")
     return _Run(cfg, info, meta, model, _optimizer(model, cfg), batches, (val_ids, val_y), device)
 
 

@@ -468,23 +468,46 @@ def load_labelled(data_dir: str | os.PathLike, split: str) -> tuple[list[str], l
     return [r["text"] for r in rows], [r["ids"] for r in rows], ys, meta
 
 
+def windows(ids: list[int], width: int, most: int) -> list[list[int]]:
+    """ids itself when it fits in width tokens, else ceil(len / width) windows of width tokens
+    (at most `most`), their starts spread evenly from the first token to the last window's, so
+    that together they span the whole sequence."""
+    if width < 1 or most < 1:
+        raise ValueError(f"windows: width and most must be positive, got {width} and {most}")
+    if len(ids) <= width:
+        return [list(ids)]
+    k = min(most, -(-len(ids) // width))
+    if k == 1:
+        return [list(ids[:width])]
+    last = len(ids) - width
+    return [list(ids[s:s + width]) for s in (round(j * last / (k - 1)) for j in range(k))]
+
+
 class LabelledBatches:
     """Padding-aware batches of token sequences with their labels, bucketed by length so that a
     batch pads little: each epoch shuffles the examples (seeded by seed and epoch), sorts pools of
     `pool` batches by length, cuts them into batches and shuffles the batches.
 
-    Every sequence becomes [CLS] + its first max_len - 1 tokens, so none is empty; a batch is
-    (ids (B, T), mask (B, T) bool, True on real tokens, labels (B)), padded on the right with
-    pad_id to its longest sequence. state_dict() holds (epoch, batch) for an exact resume."""
+    Every sequence becomes [CLS] + its first max_len - 1 tokens (crop="head"), or + a window of
+    max_len - 1 tokens at a random offset, drawn anew each time it is served (crop="random": a
+    long document shows all of its text over the epochs), so none is empty; a batch is (ids (B,
+    T), mask (B, T) bool, True on real tokens, labels (B)), padded on the right with pad_id to its
+    longest sequence. state_dict() holds (epoch, batch) for an exact resume: the offsets are a
+    function of the seed, the epoch and the batch."""
 
     def __init__(self, ids: list[list[int]], labels: list[int], batch_size: int, max_len: int, *, cls_id: int,
-                 pad_id: int, shuffle: bool = True, seed: int = 0, pool: int = 50):
+                 pad_id: int, shuffle: bool = True, seed: int = 0, pool: int = 50, crop: str = "head"):
         if len(ids) != len(labels) or not ids:
             raise ValueError(f"LabelledBatches: need as many labels as sequences, and some; got {len(ids)} "
                              f"sequences and {len(labels)} labels")
         if batch_size <= 0 or max_len < 2:
             raise ValueError(f"LabelledBatches: batch_size must be positive and max_len >= 2, got {batch_size}, "
                              f"{max_len}")
+        if crop not in ("head", "random"):
+            raise ValueError(f"LabelledBatches: crop must be 'head' or 'random', got {crop!r}")
+        self.crop, self.width, self.cls_id = crop, max_len - 1, cls_id
+        self.full = ids if crop == "random" else None
+        # What bucketing sorts by; under crop="random" the window is drawn in collate.
         self.seqs = [[cls_id, *s[:max_len - 1]] for s in ids]
         self.labels = list(labels)
         self.batch_size, self.pad_id, self.shuffle, self.seed, self.pool = batch_size, pad_id, shuffle, seed, pool
@@ -509,13 +532,28 @@ class LabelledBatches:
         rng.shuffle(batches)
         return batches
 
-    def collate(self, members: list[int], device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = max(len(self.seqs[i]) for i in members)
+    def _window(self, i: int, rng: random.Random) -> list[int]:
+        s = self.full[i]
+        if len(s) <= self.width:
+            return self.seqs[i]
+        start = rng.randrange(len(s) - self.width + 1)
+        return [self.cls_id, *s[start:start + self.width]]
+
+    def collate(self, members: list[int], device="cpu", rng: random.Random | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of these examples; rng draws the windows under crop="random" (a fixed one
+        when not given)."""
+        if self.crop == "random":
+            rng = rng or random.Random(self.seed)
+            seqs = [self._window(i, rng) for i in members]
+        else:
+            seqs = [self.seqs[i] for i in members]
+        t = max(map(len, seqs))
         ids = torch.full((len(members), t), self.pad_id, dtype=torch.int64)
         mask = torch.zeros((len(members), t), dtype=torch.bool)
-        for row, i in enumerate(members):
-            ids[row, :len(self.seqs[i])] = torch.tensor(self.seqs[i])
-            mask[row, :len(self.seqs[i])] = True
+        for row, s in enumerate(seqs):
+            ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :len(s)] = True
         y = torch.tensor([self.labels[i] for i in members])
         return ids.to(device), mask.to(device), y.to(device)
 
@@ -525,8 +563,9 @@ class LabelledBatches:
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._plan(self.epoch)
         members = self._order[self.index]
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.index)
         self.index += 1
-        return self.collate(members, device)
+        return self.collate(members, device, rng)
 
     def __iter__(self):
         """One pass over the batches of the current plan (evaluation)."""

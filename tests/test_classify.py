@@ -144,6 +144,44 @@ def test_length_bucketing_pads_little_and_resumes_exactly():
     assert all(torch.equal(c.next()[0], w) for w in want)
 
 
+def test_windows_span_a_long_sequence():
+    seq = list(range(1000))
+    assert data.windows(seq[:40], 50, 8) == [seq[:40]]
+    assert data.windows(seq[:50], 50, 8) == [seq[:50]]
+    w = data.windows(seq[:120], 50, 8)
+    assert [x[0] for x in w] == [0, 35, 70] and all(x == seq[x[0]:x[0] + 50] for x in w)
+    w = data.windows(seq, 50, 4)  # capped: 4 windows spread over all 1000 tokens
+    assert len(w) == 4 and w[0][0] == 0 and w[-1][-1] == 999 and all(len(x) == 50 for x in w)
+    assert data.windows(seq, 50, 1) == [seq[:50]]
+    with pytest.raises(ValueError, match="width and most"):
+        data.windows(seq, 0, 4)
+
+
+def test_random_crops_are_windows_of_the_text_and_resume_exactly():
+    rng = random.Random(0)
+    ids = [list(range(100 * k, 100 * k + rng.randint(1, 60))) for k in range(200)]
+    b = data.LabelledBatches(ids, [0] * 200, 8, 17, cls_id=3, pad_id=1, seed=0, crop="random")
+    starts = {}
+    for _ in range(300):
+        x, m, _ = b.next()
+        assert (x[:, 0] == 3).all()
+        for row, n in zip(x, m.sum(1)):
+            w = row[1:n].tolist()
+            src = ids[w[0] // 100]
+            assert len(w) == min(16, len(src))
+            assert w == src[w[0] % 100:w[0] % 100 + len(w)]  # a contiguous piece of its own text
+            starts.setdefault(w[0] // 100, set()).add(w[0] % 100)
+    seen = [len(starts[k]) for k in starts if len(ids[k]) >= 40]
+    assert seen and min(seen) >= 3  # the offsets vary: a long text is seen whole over the epochs
+    state = b.state_dict()
+    want = [b.next()[0] for _ in range(3)]
+    c = data.LabelledBatches(ids, [0] * 200, 8, 17, cls_id=3, pad_id=1, seed=0, crop="random")
+    c.load_state_dict(json.loads(json.dumps(state)))
+    assert all(torch.equal(c.next()[0], w) for w in want)
+    with pytest.raises(ValueError, match="crop"):
+        data.LabelledBatches(ids, [0] * 200, 8, 17, cls_id=3, pad_id=1, crop="tail")
+
+
 def test_unknown_label_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown label 'cats'"):
         data.label_ids(["food", "cats"], ["food", "space"])
@@ -190,6 +228,24 @@ def test_fine_tuning_selects_on_validation_and_resumes_exactly(data_dir, tmp_pat
     a = classify._read_tensors(tmp_path / "a" / "last" / "model.safetensors")
     b = classify._read_tensors(tmp_path / "b" / "last" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_window_training_and_prediction(data_dir, tmp_path):
+    # max_len 8: most synthetic texts are longer than the 7 tokens a window holds.
+    _, summary = _run(data_dir, tmp_path / "w", long="windows", windows=3, max_len=8, steps=20)
+    model, info = classify.load_classifier(tmp_path / "w")
+    assert info["windows"] == 3 and summary["steps"] == 20
+    _, ids, ys, meta = data.load_labelled(data_dir, "val")
+    pred, probs = classify.predict(model, ids, info, meta)
+    head, _ = classify.predict(model, ids, {**info, "windows": 1}, meta)
+    for i in range(len(ids)):
+        pieces = data.windows(ids[i], 7, 3)
+        x = torch.tensor([[meta["cls_id"], *w] for w in pieces])  # all of one length
+        want = model(x).double().softmax(-1).mean(0)
+        torch.testing.assert_close(torch.from_numpy(probs[i]), want, rtol=1e-4, atol=1e-6)
+        if len(pieces) == 1:
+            assert pred[i] == head[i]
+    assert (pred == probs.argmax(1)).all()
 
 
 @pytest.mark.parametrize("quant", [None, "int8"])
