@@ -42,6 +42,8 @@ namespace {
 
 constexpr int64_t kBQ = 64;  // queries per block: the n of every product
 constexpr int64_t kBK = 64;  // keys per block
+// Decode work (q . k multiply-adds) below which a parallel_for task stays on the calling thread.
+constexpr int64_t kInlineWork = 1 << 17;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -498,7 +500,14 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, T* o
                  int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t Tmax, int64_t D, double scale) {
   const int64_t G = Hq / Hk, nq = G * Tn, W = D + 2;
   const float qmul = static_cast<float>(scale) * kLog2e;
-  at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t end) {
+  // A short cache is a few microseconds of work per task: run such tasks on this thread. Waking
+  // a worker costs more than that, and on a small machine the worker's core may be held by
+  // another pool's spinning thread (the quantized matmuls') for a scheduler slice.
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b]);
+  const int64_t task_work = nq * ((longest + S - 1) / S) * D;  // multiply-adds of q . k per task
+  const int64_t grain = std::max<int64_t>(1, kInlineWork / std::max<int64_t>(1, task_work));
+  at::parallel_for(0, B * Hk * S, grain, [&](int64_t begin, int64_t end) {
     FwdScratch sc(D);
     std::vector<float> qt(D * kBQ), ot(D * kBQ), lim(kBQ), m(kBQ), l(kBQ);
     std::vector<const T*> rows(kBQ);

@@ -15,6 +15,7 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -35,6 +36,9 @@ namespace qdot {
 // --- the pool -----------------------------------------------------------------------------------
 
 namespace {
+
+// How long an idle helper spins for the next call before it sleeps.
+constexpr int kSpinMicros = 50;
 
 struct Job {
   std::atomic<int64_t> next{0}, done{0};
@@ -92,8 +96,15 @@ class Pool {
   void loop(int index) {
     uint64_t seen = gen_.load(std::memory_order_acquire);
     for (;;) {
-      // Spin a little before sleeping: a decode step calls again within microseconds.
-      for (int spin = 0; spin < 20000 && gen_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+      // Spin a little before sleeping: a decode step calls again within microseconds. Bounded by
+      // time, not by a count of pauses (a pause is 10 to 140 cycles depending on the CPU): a
+      // longer spin holds a core that the next op's own threads (OpenMP's) need, and on a
+      // 2-core machine that costs them a scheduler slice.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      for (int spin = 0; gen_.load(std::memory_order_acquire) == seen; ++spin) {
+        _mm_pause();
+        if (spin % 64 == 63 && std::chrono::steady_clock::now() > until) break;
+      }
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mu_);
