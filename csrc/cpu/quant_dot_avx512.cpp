@@ -25,20 +25,15 @@ QD_TARGET inline float to_float(const void* p, int64_t i, ScaleType t) {
   return f;
 }
 
-// C scales (or zeros) from i on, widened to float in the low lanes; C is 1, 2, 4 or 16.
+// C scales (or zeros) from i on, widened to float: one broadcast (C = 1) or 16 lanes.
 template <int C>
 QD_TARGET inline __m512 loadc(const void* p, int64_t i, ScaleType t) {
+  static_assert(C == 1 || C == 16);
   if constexpr (C == 1) {
     return _mm512_set1_ps(to_float(p, i, t));
-  } else if constexpr (C == 16) {
+  } else {
     if (t == ScaleType::f32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
-    if (t == ScaleType::f16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    const __mmask16 k = (1u << C) - 1;
-    if (t == ScaleType::f32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
-    const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
     if (t == ScaleType::f16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
@@ -140,19 +135,6 @@ QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
   for (; n < n1; ++n) rows_int8_nb<MB, 1>(p, n, m0);
 }
 
-// The row's scales for one super-block of 4 blocks, one per int32 lane (4 lanes per block).
-template <int BPG>
-QD_TARGET inline __m512 quad_scales(const Problem& p, int64_t g0, int64_t b) {
-  if constexpr (BPG == 4) {
-    return loadc<1>(p.scales, g0 + b / 4, p.scale_type);
-  } else {
-    constexpr int C = 4 / BPG;
-    const __m512i idx = BPG == 1 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
-                                 : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    return _mm512_permutexvar_ps(idx, loadc<C>(p.scales, g0 + b / BPG, p.scale_type));
-  }
-}
-
 // The same four blocks' scales, one per block, in a 128-bit register: with one row of x, the
 // product with x's four block scales is taken there and widened once (one permute, not two).
 template <int BPG>
@@ -168,6 +150,14 @@ QD_TARGET inline __m128 block_scales4(const Problem& p, int64_t g0, int64_t b) {
     s = p.scale_type == ScaleType::f16 ? _mm_cvtph_ps(h) : _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
   }
   return BPG == 1 ? s : _mm_unpacklo_ps(s, s);  // BPG 2: (s0, s0, s1, s1)
+}
+
+// The row's scales for one super-block of 4 blocks, one per int32 lane (4 lanes per block): the
+// 128-bit ones widened: plain loads and one permute, where masked 512-bit loads were used before.
+template <int BPG>
+QD_TARGET inline __m512 quad_scales(const Problem& p, int64_t g0, int64_t b) {
+  if constexpr (BPG == 4) return loadc<1>(p.scales, g0 + b / 4, p.scale_type);
+  return widen4(block_scales4<BPG>(p, g0, b));
 }
 
 // NB weight rows from n at once for MB rows of x: each load of x serves NB rows (loads, not the
