@@ -6,12 +6,13 @@ data in wide accesses.
 
 nvcc turns a copy of a struct of 2-byte elements into 2-byte loads unless it can prove the
 struct's alignment, so a Pack<Half, 8> may compile to eight LDG.E.U16 where one LDG.E.128 was
-meant. The check: every fp16/bf16 instantiation of a kernel must reach the widest global load of
-the kernel's float32 instantiation (the same template with float), or 64 bits when that is wider.
-Where the vector width is counted in elements (Pack<Half, 8> beside Pack<float, 4>), there is no
-exact twin: then the template's widest fp16/bf16 instantiation must match its widest float32 one.
-Tensor-core kernels (fp16/bf16 only) must reach the width EXPECT gives them. Exit 0 also when no cuobjdump is found
-(a SKIP line), like tools/check_cuda.sh without nvcc.
+meant. The check: the widest global load of every fp16/bf16 instantiation of a kernel must be at
+least half that of its float32 twin (the same template with float: the same elements per access
+in half the bytes). Where the vector width is counted in elements (Pack<Half, 8> beside
+Pack<float, 4>) there is no exact twin: then the template's widest fp16/bf16 instantiation must
+match its widest float32 one. Tensor-core kernels (fp16/bf16 only) must reach the width EXPECT
+gives them. Exit 0 also when no cuobjdump is found (a SKIP line), like tools/check_cuda.sh
+without nvcc.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ EXPECT = {re.compile(r"_mma_kernel<"): 128, re.compile(r"gemm_tc_kernel<[^>]*, t
 
 
 def cuobjdump() -> str | None:
+    """The cuobjdump inside the triton package (which needs no CUDA toolkit), else one on PATH."""
     try:
         import triton
 

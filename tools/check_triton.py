@@ -68,13 +68,15 @@ def _cubin_resources(cubin: bytes) -> tuple[int | None, int | None]:
     import subprocess
     import tempfile
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cubin or not tool.exists():
+    from check_sass import cuobjdump  # tools/ is this script's directory
+
+    tool = cuobjdump()
+    if not cubin or tool is None:
         return None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", out)
     # Offline there is no ptxas report: local memory (STACK / LOCAL bytes) is where spills go.
     local = [int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", out)]

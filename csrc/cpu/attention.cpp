@@ -496,15 +496,13 @@ void attend_row(const float* qs, const T* k, const T* v, int64_t d, int64_t k0, 
 // slice's keys and leaves a partial (max, sum, unnormalised output) per query in part; the
 // partials are merged afterwards. With one slice (S = 1) each task writes its output itself.
 template <typename T>
-void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, T* out, float* part, int64_t S,
-                 int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t Tmax, int64_t D, double scale) {
+void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, int64_t longest, T* out, float* part,
+                 int64_t S, int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t Tmax, int64_t D, double scale) {
   const int64_t G = Hq / Hk, nq = G * Tn, W = D + 2;
   const float qmul = static_cast<float>(scale) * kLog2e;
   // A short cache is a few microseconds of work per task: run such tasks on this thread. Waking
   // a worker costs more than that, and on a small machine the worker's core may be held by
   // another pool's spinning thread (the quantized matmuls') for a scheduler slice.
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b]);
   const int64_t task_work = nq * ((longest + S - 1) / S) * D;  // multiply-adds of q . k per task
   const int64_t grain = std::max<int64_t>(1, kInlineWork / std::max<int64_t>(1, task_work));
   at::parallel_for(0, B * Hk * S, grain, [&](int64_t begin, int64_t end) {
@@ -872,7 +870,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   at::Tensor part = at::empty({S > 1 ? B * Hk * (Hq / Hk) * Tn * S * (D + 2) : 0}, q.options().dtype(at::kFloat));
   dispatch_reduced(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    decode_fast<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), lp, out.data_ptr<T>(),
+    decode_fast<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), lp, longest, out.data_ptr<T>(),
                    part.data_ptr<float>(), S, B, Hq, Hk, Tn, Tmax, D, scale);
   });
   return out;
