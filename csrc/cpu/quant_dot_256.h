@@ -85,90 +85,142 @@ QD_TARGET inline void prefetch(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
 }
 
-// Rows [n0, n1) for MB rows of x from m0. Two accumulators per x row (even and odd steps), so
-// that the float adds of one step do not wait on the last.
-template <int MB>
-QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+// NB weight rows n, n + stride, .. for MB rows of x from m0: each load of x serves NB rows. One row
+// keeps two accumulators per x row (even and odd steps), so that the float adds of one step do not
+// wait on the last; four rows keep one each, which is four chains already and fits 16 registers.
+template <int MB, int NB>
+QD_TARGET void rows_int8_nb(const Problem& p, int64_t n, int64_t m0, int64_t stride) {
+  constexpr int U = NB == 1 ? 2 : 1;
   const int64_t nb = p.k / kBlock;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.w + n * p.row_bytes;
-    __m256 acc[2][MB];
-    for (int u = 0; u < 2; ++u)
-      for (int m = 0; m < MB; ++m) acc[u][m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      if ((b & 1) == 0) prefetch(row + b * 32);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 32));
-      const __m256i av = _mm256_abs_epi8(v);
-      for (int m = 0; m < MB; ++m) {
-        const int64_t mm = m0 + m;
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
-        const __m256i i = dot(_mm256_setzero_si256(), av, _mm256_sign_epi8(x, v));
-        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(p.a.d[mm * nb + b]), acc[b & 1][m]);
+  const uint8_t* row[NB];
+  for (int r = 0; r < NB; ++r) row[r] = p.w + (n + r * stride) * p.row_bytes;
+  __m256 acc[U][NB][MB];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < NB; ++r)
+      for (int m = 0; m < MB; ++m) acc[u][r][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v[NB], av[NB];
+    for (int r = 0; r < NB; ++r) {
+      if ((b & 1) == 0) prefetch(row[r] + b * 32);
+      v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + b * 32));
+      av[r] = _mm256_abs_epi8(v[r]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int64_t mm = m0 + m;
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
+      const __m256 d = _mm256_set1_ps(p.a.d[mm * nb + b]);
+      for (int r = 0; r < NB; ++r) {
+        const __m256i i = dot(_mm256_setzero_si256(), av[r], _mm256_sign_epi8(x, v[r]));
+        acc[b % U][r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, acc[b % U][r][m]);
       }
     }
-    const float s = to_float(p.scales, n, p.scale_type);
+  }
+  for (int r = 0; r < NB; ++r) {
+    const int64_t nr = n + r * stride;
+    const float s = to_float(p.scales, nr, p.scale_type);
     for (int m = 0; m < MB; ++m) {
-      float v = s * hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
-      if (p.bias) v += p.bias[n];
-      p.y[(m0 + m) * p.n + n] = v;
+      __m256 t = acc[0][r][m];
+      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[u][r][m]);
+      float v = s * hsum(t);
+      if (p.bias) v += p.bias[nr];
+      p.y[(m0 + m) * p.n + nr] = v;
     }
   }
 }
 
-template <int MB>
-QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+// The scales of blocks b and b + 1 of a row: [b x 4 | b + 1 x 4], or one group's for both.
+QD_TARGET inline __m256 pair_scales(const Problem& p, int64_t g0, int64_t b, int64_t bpg) {
+  if (bpg == 1) {
+    return _mm256_set_m128(_mm_set1_ps(to_float(p.scales, g0 + b + 1, p.scale_type)),
+                           _mm_set1_ps(to_float(p.scales, g0 + b, p.scale_type)));
+  }
+  return _mm256_set1_ps(to_float(p.scales, g0 + b / bpg, p.scale_type));
+}
+
+template <int MB, int NB>
+QD_TARGET void rows_int4_nb(const Problem& p, int64_t n, int64_t m0, int64_t stride) {
+  constexpr int U = NB == 1 ? 2 : 1;
   const int64_t nb = p.k / kBlock, pairs = nb / 2;
   const int64_t bpg = p.group / kBlock;  // blocks per group: 1, 2 or 4
   const __m256i low = _mm256_set1_epi8(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.w + n * p.row_bytes;
-    const int64_t g0 = n * p.groups;
-    __m256 acc[2][MB];
-    for (int u = 0; u < 2; ++u)
-      for (int m = 0; m < MB; ++m) acc[u][m] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < pairs; ++j) {
-      prefetch(row + j * 32);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j * 32));
-      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      const int64_t b = 2 * j;
-      __m256 sw;
-      if (bpg == 1) {
-        sw = _mm256_set_m128(_mm_set1_ps(to_float(p.scales, g0 + b + 1, p.scale_type)),
-                             _mm_set1_ps(to_float(p.scales, g0 + b, p.scale_type)));
-      } else {
-        sw = _mm256_set1_ps(to_float(p.scales, g0 + b / bpg, p.scale_type));
-      }
-      for (int m = 0; m < MB; ++m) {
-        const int64_t mm = m0 + m;
-        const int8_t* xq = p.a.q + mm * p.k + j * 64;
-        const __m256i i = dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)), hi,
-                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-        const __m256 sc = _mm256_mul_ps(widen2(p.a.d + mm * nb + b), sw);
-        acc[j & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[j & 1][m]);
+  const uint8_t* row[NB];
+  int64_t g0[NB];
+  for (int r = 0; r < NB; ++r) {
+    row[r] = p.w + (n + r * stride) * p.row_bytes;
+    g0[r] = (n + r * stride) * p.groups;
+  }
+  __m256 acc[U][NB][MB];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < NB; ++r)
+      for (int m = 0; m < MB; ++m) acc[u][r][m] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    const int64_t b = 2 * j;
+    __m256i lo[NB], hi[NB];
+    __m256 sw[NB];
+    for (int r = 0; r < NB; ++r) {
+      prefetch(row[r] + j * 32);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + j * 32));
+      lo[r] = _mm256_and_si256(v, low);
+      hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      sw[r] = pair_scales(p, g0[r], b, bpg);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int64_t mm = m0 + m;
+      const int8_t* xq = p.a.q + mm * p.k + j * 64;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+      const __m256 d = widen2(p.a.d + mm * nb + b);
+      for (int r = 0; r < NB; ++r) {
+        const __m256i i = dot2(lo[r], x0, hi[r], x1);
+        acc[j % U][r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, sw[r]), acc[j % U][r][m]);
       }
     }
-    if (nb & 1) {  // the last block alone: a super-block of one, [even | odd]
-      const int64_t b = nb - 1;
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-      const __m128i l4 = _mm_set1_epi8(15);
+  }
+  if (nb & 1) {  // the last block alone: a super-block of one, [even | odd]
+    const int64_t b = nb - 1;
+    const __m128i l4 = _mm_set1_epi8(15);
+    for (int r = 0; r < NB; ++r) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + b * 16));
       const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), l4), _mm_and_si128(v, l4));
-      const float s = to_float(p.scales, g0 + b / bpg, p.scale_type);
+      const float s = to_float(p.scales, g0[r] + b / bpg, p.scale_type);
       for (int m = 0; m < MB; ++m) {
         const int64_t mm = m0 + m;
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a.q + mm * p.k + b * 32));
         const __m256i i = dot(_mm256_setzero_si256(), wv, x);
-        acc[0][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * p.a.d[mm * nb + b]), acc[0][m]);
+        acc[0][r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * p.a.d[mm * nb + b]), acc[0][r][m]);
       }
     }
+  }
+  for (int r = 0; r < NB; ++r) {
+    const int64_t nr = n + r * stride;
     for (int m = 0; m < MB; ++m) {
       const int64_t mm = m0 + m;
-      float v = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+      __m256 t = acc[0][r][m];
+      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[u][r][m]);
       // The zero points' share: sum over groups of scale * zero * (sum of d q over the group).
-      v -= zero_share(p, g0, p.a.corr + mm * p.groups);
-      if (p.bias) v += p.bias[n];
-      p.y[mm * p.n + n] = v;
+      float v = hsum(t) - zero_share(p, g0[r], p.a.corr + mm * p.groups);
+      if (p.bias) v += p.bias[nr];
+      p.y[mm * p.n + nr] = v;
     }
   }
+}
+
+// With one row of x four rows from the four quarters of the range (four memory streams); with
+// more, one row at a time (x's loads are not what bounds these kernels there).
+constexpr int rows_at_once(int mb) { return mb == 1 ? 4 : 1; }
+
+template <int MB>
+QD_TARGET void rows_int8(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  constexpr int NB = rows_at_once(MB);
+  walk_rows<NB, MB == 1>(n0, n1, [&](int64_t n) { rows_int8_nb<MB, 1>(p, n, m0, 1); },
+                         [&](int64_t n, int64_t stride) { rows_int8_nb<MB, NB>(p, n, m0, stride); });
+}
+
+template <int MB>
+QD_TARGET void rows_int4(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
+  constexpr int NB = rows_at_once(MB);
+  walk_rows<NB, MB == 1>(n0, n1, [&](int64_t n) { rows_int4_nb<MB, 1>(p, n, m0, 1); },
+                         [&](int64_t n, int64_t stride) { rows_int4_nb<MB, NB>(p, n, m0, stride); });
 }
 
 template <int BITS>
