@@ -35,3 +35,20 @@ def test_burst_keeps_all_but_the_first_call_of_a_turn(monkeypatch):
     ms = harness.interleaved_ms(_competitors(log), torch.device("cpu"), warmup=1, reps=3, burst=2)
     assert log == ["a", "b"] + ["a"] * 2 + ["b"] * 4 + ["a"] * 4 + ["b"] * 2
     assert ms == {"a": 1.0, "b": 1.0}
+
+
+def test_quant_stream_rows_report_against_the_read_timed_in_the_same_turns(monkeypatch):
+    from fastlm.bench import quant_matmul as qm
+
+    monkeypatch.setattr(qm, "_llc_bytes", lambda device: 1 << 16)
+    rows = qm._stream_rows(64, 128, (1, 3), reps=2)
+    impls = {r["impl"] for r in rows}
+    assert "dense fp32" in impls and qm.READ not in impls
+    assert impls == {"dense fp32"} | {f"{c} {p}" for c in qm.STREAM_CONFIGS for p in ("float", "act_quant")}
+    for r in rows:
+        assert r["ms"] > 0 and r["read_GBps"] > 0
+        assert abs(r["pct_read_bw"] - 100 * r["weight_GBps"] / r["read_GBps"]) < 1e-6 * r["pct_read_bw"]
+        # The best read is at least the sum's, so the share of it is at most the share of the sum.
+        assert r["pct_best_read"] <= r["pct_read_bw"] * (1 + 1e-9)
+    dense = [r for r in rows if r["impl"] == "dense fp32"]
+    assert [r["m"] for r in dense] == [1, 3] and all(abs(r["x_dense"] - 1) < 1e-12 for r in dense)

@@ -19,10 +19,10 @@ torch._weight_int4pack_mm_for_cpu (measured 3-40x slower than the dense matmul h
 `extra` (CPU): weight streams at the layer shapes of a 7-8 B model, (N, K) in STREAM_SHAPES, for M
 in STREAM_MS, int8 and int4 g32 (float32 and bf16 scales) and int4 g128, each through the float
 path and the integer one (act_quant=True) beside the dense float32 matmul; GB/s of weight bytes
-against the read bandwidth measured in the same run (read_bandwidth, a 256 MiB fp32 sum, before
-and after), the ceiling of a kernel that reads its weights once and writes little. Then one
-decode-sized call with a core kept busy by another process (`yes`), where a kernel that waits
-for every thread it woke loses whole scheduler quanta.
+against the read bandwidth measured in the same turns (a torch sum over copies of as many bytes
+as the int4 g32 weight; a 256 MiB sum before and after too), the ceiling of a kernel that reads
+its weights once and writes little. Then one decode-sized call with a core kept busy by another
+process (`yes`), where a kernel that waits for every thread it woke loses whole scheduler quanta.
 
 Only the forward pass is timed: the packed weight gets no gradient, and the input gradient is a
 dense matmul in torch. Every competitor cycles through enough copies of its weight that together
@@ -189,11 +189,28 @@ def read_bandwidth(device: torch.device) -> float:
     return x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def _turns_ms(fns: dict, reps: int, burst: int = 4) -> dict[str, float]:
-    """Median ms of each competitor, in turns of `burst` calls keeping all but the first."""
+# libgomp's threads spin for several ms after every parallel region (about 10 ms on the hosts
+# measured) before they sleep; a fastlm call inside that window finds its pool's helper waiting
+# for a core that the spinner holds and runs on one thread. A decode step of the thin model runs
+# no OpenMP region, so each turn starts after that window. The wait is a busy one: on an AMD EPYC
+# host a 20 ms sleep left the next ten 0.6 ms calls at 1.1 ms each (an idle core comes back
+# slowly), a busy wait at 0.8.
+_TURN_PAUSE_S = 0.02
+
+
+def _pause(s: float) -> None:
+    t = time.perf_counter()
+    while time.perf_counter() - t < s:
+        pass
+
+
+def _turns_ms(fns: dict, reps: int, burst: int = 4, pause_s: float = _TURN_PAUSE_S) -> dict[str, float]:
+    """Median ms of each competitor, in turns of `burst` calls keeping all but the first, each
+    turn `pause_s` after the last one."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(reps):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            _pause(pause_s)
             for i in range(burst):
                 t = time.perf_counter()
                 fns[name]()
@@ -202,7 +219,14 @@ def _turns_ms(fns: dict, reps: int, burst: int = 4) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+READ = "read (fp32 sum)"
+
+
 def _stream_rows(n: int, k: int, ms, reps: int) -> list[dict]:
+    """Rows of (n, k, m, impl, ms, weight_GBps, x_dense, read_GBps, pct_read_bw, pct_best_read):
+    read_GBps is the ceiling measured in the same turns, a torch sum over a ring of float32
+    tensors of the int4 g32 weight's bytes, since these machines' bandwidth moves by tens of
+    percent between runs; pct_best_read is against the better of that and the dense matmul."""
     device = torch.device("cpu")
     w = torch.randn(n, k)
     dense = _Ring(w, n * k * 4, device)
@@ -211,19 +235,29 @@ def _stream_rows(n: int, k: int, ms, reps: int) -> list[dict]:
     for label, (bits, group, sd) in STREAM_CONFIGS.items():
         qw = quant.quantize(w, bits, group or k, True, sd)
         rings[label] = (_Ring(qw, qw.nbytes(), device), qw.nbytes())
+    read_bytes = rings["int4/32"][1] // 4 * 4
+    reads = _Ring(torch.ones(read_bytes // 4), read_bytes, device)
     for m in ms:
         x = torch.randn(m, k)
-        fns = {"dense fp32": lambda r=dense, x=x: F.linear(x, r.next())}
+        fns = {READ: lambda r=reads: r.next().sum(), "dense fp32": lambda r=dense, x=x: F.linear(x, r.next())}
         for label, (ring, _) in rings.items():
             fns[f"{label} float"] = lambda r=ring, x=x: ops.quant_linear(x, r.next(), backend="cpu")
             fns[f"{label} act_quant"] = lambda r=ring, x=x: ops.quant_linear(x, r.next(), backend="cpu",
                                                                                 act_quant=True)
         t = _turns_ms(fns, reps)
+        read_gbps = read_bytes / (t[READ] * 1e-3) / 1e9
+        # The dense matmul is a read too, and on some hosts (an Intel Xeon here) it reads faster
+        # than the sum: the best of the two is the stricter ceiling.
+        best_gbps = max(read_gbps, n * k * 4 / (t["dense fp32"] * 1e-3) / 1e9)
         for name, v in t.items():
+            if name == READ:
+                continue
             label = name.rsplit(" ", 1)[0]
             nbytes = n * k * 4 if name == "dense fp32" else rings[label][1]
-            rows.append({"n": n, "k": k, "m": m, "impl": name, "ms": v, "weight_GBps": nbytes / (v * 1e-3) / 1e9,
-                         "x_dense": t["dense fp32"] / v})
+            gbps = nbytes / (v * 1e-3) / 1e9
+            rows.append({"n": n, "k": k, "m": m, "impl": name, "ms": v, "weight_GBps": gbps,
+                         "x_dense": t["dense fp32"] / v, "read_GBps": read_gbps,
+                         "pct_read_bw": 100 * gbps / read_gbps, "pct_best_read": 100 * gbps / best_gbps})
     return rows
 
 
@@ -322,15 +356,13 @@ def extra(device: torch.device, quick: bool) -> dict:
     for n, k in shapes:
         rows += _stream_rows(n, k, (1, 16) if quick else STREAM_MS, 5 if quick else 9)
     bw1 = read_bandwidth(device)
-    bw = max(bw0, bw1)
-    for r in rows:
-        r["pct_read_bw"] = 100 * r["weight_GBps"] / bw
     print(f"read bandwidth (256 MiB fp32 sum): {bw0:.1f} GB/s before, {bw1:.1f} GB/s after; "
-          f"integer path: {info.quant_isa()}")
-    print(f"{'N x K':<12}{'M':>4}  {'impl':<28}{'ms':>9}{'weight GB/s':>13}{'% read bw':>11}{'x dense':>9}")
+          f"integer path: {info.quant_isa()}; % read bw is of the sum timed in the same turns")
+    print(f"{'N x K':<12}{'M':>4}  {'impl':<28}{'ms':>9}{'weight GB/s':>13}{'read GB/s':>11}{'% read bw':>11}"
+          f"{'% best read':>13}{'x dense':>9}")
     for r in rows:
         print(f"{r['n']}x{r['k']:<7}{r['m']:>4}  {r['impl']:<28}{r['ms']:>9.3f}{r['weight_GBps']:>13.1f}"
-              f"{r['pct_read_bw']:>10.0f}%{r['x_dense']:>9.2f}")
+              f"{r['read_GBps']:>11.1f}{r['pct_read_bw']:>10.0f}%{r['pct_best_read']:>12.0f}%{r['x_dense']:>9.2f}")
     busy = busy_core_ms(50 if quick else 200)
     print("4096x4096 int4/32 M=1 with one core busy (`yes`), ms:")
     for name, v in busy.items():
