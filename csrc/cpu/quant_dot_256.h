@@ -75,10 +75,14 @@ QD_TARGET inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// v[0] in lanes 0-3, v[1] in lanes 4-7.
+QD_TARGET inline __m256 widen2(__m128 v) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 // x's block scales d[0], d[1] in lanes 0-3 and 4-7 (int4: a 32-byte step is two blocks).
 QD_TARGET inline __m256 widen2(const float* d) {
-  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d)));
-  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  return widen2(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d))));
 }
 
 QD_TARGET inline void prefetch(const uint8_t* p) {
@@ -128,13 +132,16 @@ QD_TARGET void rows_int8_nb(const Problem& p, int64_t n, int64_t m0, int64_t str
   }
 }
 
-// The scales of blocks b and b + 1 of a row: [b x 4 | b + 1 x 4], or one group's for both.
+// The scales of blocks b and b + 1 of a row, [b x 4 | b + 1 x 4], or one group's for both; two
+// adjacent scales are one load and one permute.
 QD_TARGET inline __m256 pair_scales(const Problem& p, int64_t g0, int64_t b, int64_t bpg) {
-  if (bpg == 1) {
-    return _mm256_set_m128(_mm_set1_ps(to_float(p.scales, g0 + b + 1, p.scale_type)),
-                           _mm_set1_ps(to_float(p.scales, g0 + b, p.scale_type)));
-  }
-  return _mm256_set1_ps(to_float(p.scales, g0 + b / bpg, p.scale_type));
+  if (bpg != 1) return _mm256_set1_ps(to_float(p.scales, g0 + b / bpg, p.scale_type));
+  if (p.scale_type == ScaleType::f32) return widen2(static_cast<const float*>(p.scales) + g0 + b);
+  int32_t two;
+  __builtin_memcpy(&two, static_cast<const uint16_t*>(p.scales) + g0 + b, 4);
+  const __m128i h = _mm_cvtsi32_si128(two);
+  if (p.scale_type == ScaleType::f16) return widen2(_mm_cvtph_ps(h));
+  return widen2(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
 }
 
 template <int MB, int NB>
