@@ -327,9 +327,12 @@ def test_extremes_saturate_like_torch(backend, device, approximate):
     assert torch.equal(got.isnan(), want.isnan())
     finite = ~want.isnan()
     torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-7)
-    # The same signs of zero as torch's float32 answer where it is exact (not its inf at 3e38).
+    # The sign of a zero as float64's or as torch's float32 answer (where that is not its inf at
+    # 3e38): torch's own differs by CPU (its erf GELU gives +0 from -9.5 down on an AVX2-only
+    # AMD EPYC, -0 like float64 on the AVX-512 hosts).
     both = finite & want32.isfinite()
-    assert torch.equal(torch.signbit(got[both]), torch.signbit(want32[both]))
+    sign = torch.signbit(got[both])
+    assert torch.all((sign == torch.signbit(want[both])) | (sign == torch.signbit(want32[both])))
 
 
 @pytest.mark.parametrize("approximate", APPROX)
