@@ -371,3 +371,29 @@ def test_quantize_tied_output_layer_of_the_transformer():
         fastlm.quantize_(Transformer(TransformerConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2,
                                                        d_model=48)), bits=4, group_size=32, quantize_tied=True,
                         skip=lambda name, mod: True)
+
+
+@pytest.mark.parametrize("w", [(8, 200, None, True), (4, 256, 32, False), (4, 256, 128, True)], ids=wid)
+@pytest.mark.parametrize("n", [67, 8200], ids=["one-slab", "two-slabs"])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+def test_cpu_blas_path_matches_float64(w, n, has_bias):
+    """From M = 256 the CPU float path multiplies dequantized slabs of W (8 MiB of float32 each)
+    with torch's BLAS, writing each slab's columns of y in place."""
+    if "cpu" not in backends.available("cpu"):
+        pytest.skip("no CPU kernels")
+    bits, k, g, sym = w
+    qw = make_weight(n, k, bits, g, sym)
+    wd = quant.dequantize(qw, torch.float64)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(260, k, dtype=torch.float64).to(dt)
+        b = torch.randn(n, dtype=torch.float64).to(dt) if has_bias else None
+        y = ops.quant_linear(x, qw, b, backend="cpu")
+        assert y.shape == (260, n) and y.dtype == dt
+        xd, bd = x.double(), None if b is None else b.double()
+        want, scale = ref.quant_linear(xd, wd, bd), bound(xd, wd, bd)
+        if dt == torch.float32:
+            err = rel_err(y, want, scale)
+            assert err <= 2e-6, f"{dt}: error {err:.3g} of the sum of |terms|"
+        else:
+            yt = F.linear(x, quant.dequantize(qw, dt), b)
+            ref.assert_within_twice_torch(y, yt, want, floor=2.0 ** -8, name=str(dt), scale=scale)
