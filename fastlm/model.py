@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastlm import ops
-from fastlm.nn import MLP, Embedding, LayerNorm, RMSNorm, SwiGLU
-from fastlm.nn.self_attention import CausalSelfAttention, KVCache
+from fastlm import backends, ops
+from fastlm.nn import MLP, Embedding, LayerNorm, QuantLinear, RMSNorm, SwiGLU
+from fastlm.nn.self_attention import CausalSelfAttention, KVCache, Rotary
 
 
 @dataclasses.dataclass
@@ -141,9 +141,50 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None, cache: KVCache | None = None, *,
                 attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if cache is not None and attn_mask is None and (fused := _decode_block(self, x, residual, cache)) is not None:
+            return fused
         y, h = (self.norm1(x), x) if residual is None else self.norm1(x, residual)
         y, h = self.norm2(self.attn(y, cache, attn_mask=attn_mask), h)
         return self.mlp(y), h
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    m = nn.modules.module
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+
+
+def _decode_block(block: Block, x: Tensor, residual: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor] | None:
+    """The block in one kernel call (torch.ops.fastlm_C.decode_block, csrc/cpu/decode_block.cpp),
+    which runs the modules' own kernels without the Python between them, when the block is the
+    quantized Llama block (RMSNorm, rotary attention, SwiGLU; every projection a QuantLinear with
+    act_quant and no bias) decoding one float32 token per sequence on the cpu backend, in
+    inference, with no hooks; None otherwise, and the modules run as usual."""
+    b, t, c = x.shape
+    if (t != 1 or not x.is_cpu or x.dtype != torch.float32 or block.training or torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or backends.choose("decode_block", x.device) != "cpu"):
+        return None
+    attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+    if not (type(n1) is RMSNorm and type(n2) is RMSNorm and type(attn) is CausalSelfAttention
+            and type(mlp) is SwiGLU and type(attn.rotary) is Rotary and attn.causal):
+        return None
+    linears = (attn.qkv, attn.proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(type(lin) is QuantLinear and lin.act_quant and lin.bias is None and lin.in_features % 32 == 0
+               for lin in linears):
+        return None
+    if (n1.weight is None or n2.weight is None or n1.eps != n2.eps or cache.k.dtype != torch.float32
+            or cache.seqlens.dtype != torch.int32 or cache.longest >= cache.max_len  # the modules say why
+            or _hooked(block, attn, mlp, n1, n2, attn.rotary, *linears)):
+        return None
+    eps = torch.finfo(torch.float32).eps if n1.eps is None else n1.eps
+    out, h = torch.ops.fastlm_C.decode_block(
+        x.reshape(b, c), None if residual is None else residual.reshape(b, c), n1.weight, n2.weight, eps,
+        [lin.qweight for lin in linears], [lin.scales for lin in linears], [lin.zeros for lin in linears],
+        [lin.bits for lin in linears], [lin.group_size for lin in linears], cache.k, cache.v, cache.seqlens,
+        cache.longest, attn.n_head, attn.n_kv_head, attn.rotary.theta, 1.0 / math.sqrt(attn.head_dim))
+    cache.longest += 1
+    return out.view(b, 1, c), h.view(b, 1, c)
 
 
 class Transformer(nn.Module):

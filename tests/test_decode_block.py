@@ -1,0 +1,200 @@
+"""The quantized Llama block at decode in one call (torch.ops.fastlm_C.decode_block, taken by
+fastlm.model's Block): against a float64 block over the dequantized weights, bit for bit against
+the modules it stands for, and only where it applies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastlm
+import fastlm.model as fm
+from fastlm import backends, quant
+from fastlm import reference as ref
+from fastlm.model import Transformer, TransformerConfig
+
+pytestmark = pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no CPU extension")
+
+# quantize_ arguments: int8, int4 in each scale dtype and group size, symmetric and not.
+FORMATS = {
+    "int8": dict(bits=8),
+    "int4-g32": dict(bits=4, group_size=32),
+    "int4-g64-asym-bf16": dict(bits=4, group_size=64, symmetric=False, scale_dtype=torch.bfloat16),
+    "int4-g128-fp16": dict(bits=4, group_size=128, scale_dtype=torch.float16),
+}
+
+
+def llama(n_kv_head=2, quantize=True, **fmt) -> Transformer:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=300, block_size=48, n_layer=3, n_head=4, n_kv_head=n_kv_head, d_model=384,
+                            mlp="swiglu", norm="rmsnorm", pos="rope", bias=False)
+    model = Transformer(cfg).eval()
+    if quantize:
+        fastlm.quantize_(model, act_quant=True, quantize_tied=True, **(fmt or FORMATS["int4-g32"]))
+    return model
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many blocks ran as one call; `off()` sends every block through its modules."""
+    real = fm._decode_block
+    calls = []
+
+    def counting(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fm, "_decode_block", counting)
+    counting.off = lambda: monkeypatch.setattr(fm, "_decode_block", lambda *args: None)
+    counting.calls = calls
+    return counting
+
+
+def decode(model, ids, steps):
+    """Prefill ids, then `steps` greedy tokens; returns the logits of every step and the caches."""
+    caches = model.new_caches(ids.shape[0], 32)
+    logits, _ = model(ids, caches=caches, backend="cpu")
+    out = []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        logits, _ = model(nxt, caches=caches, backend="cpu")
+        out.append(logits)
+    return torch.stack(out), caches
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("batch,n_kv_head", [(1, 2), (3, 4)], ids=["b1-gqa", "b3-mha"])
+@torch.no_grad()
+def test_matches_the_modules_bit_for_bit(fused_calls, fmt, batch, n_kv_head):
+    model = llama(n_kv_head, **FORMATS[fmt])
+    ids = torch.randint(0, 300, (batch, 5))
+    got, got_caches = decode(model, ids, 4)
+    assert fused_calls.calls == [False] * 3 + [True] * 12  # the prefill through the modules, then fused
+    fused_calls.off()
+    want, want_caches = decode(model, ids, 4)
+    assert torch.equal(got, want)
+    for g, w in zip(got_caches, want_caches):
+        assert torch.equal(g.k, w.k) and torch.equal(g.v, w.v) and torch.equal(g.seqlens, w.seqlens)
+        assert g.longest == w.longest == 9
+
+
+def reference_block(block, x, residual, k_cache, v_cache, pos):
+    """The block in float64 over its dequantized weights, each projection's input quantized as
+    the integer kernel quantizes it (reference.act_quant): (mlp out, h)."""
+    attn, mlp = block.attn, block.mlp
+    b, c = x.shape
+    hq, hk, d = attn.n_head, attn.n_kv_head, attn.head_dim
+
+    def lin(layer, t):
+        return ref.act_quant(t.float()) @ quant.dequantize(layer.weight, torch.float64).T
+
+    y, h = ref.rms_norm(x, (c,), block.norm1.weight, block.norm1.eps, residual)
+    q, k, v = lin(attn.qkv, y).split([hq * d, hk * d, hk * d], -1)
+    cos, sin = ref.rotary_tables(torch.full((b, 1), pos), attn.rotary.theta, d)
+    q = ref.rotary(q.view(b, 1, hq, d).transpose(1, 2), cos[:, None], sin[:, None])
+    k = ref.rotary(k.view(b, 1, hk, d).transpose(1, 2), cos[:, None], sin[:, None])
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    kc[:, :, pos], vc[:, :, pos] = k[:, :, 0], v.view(b, hk, d)
+    att = ref.decode_attention(q, kc, vc, torch.full((b,), pos + 1), scale=1 / math.sqrt(d))
+    o = lin(attn.proj, att.transpose(1, 2).reshape(b, c))
+    y2, h2 = ref.rms_norm(o, (c,), block.norm2.weight, block.norm2.eps, h.double())
+    a = ref.silu_mul(lin(mlp.gate_proj, y2), lin(mlp.up_proj, y2))
+    return lin(mlp.down_proj, a), h2, kc, vc
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("first", [True, False], ids=["first-block", "later-block"])
+@torch.no_grad()
+def test_against_float64(fused_calls, fmt, first):
+    model = llama(**FORMATS[fmt])
+    block, b, c, pos = model.blocks[1], 2, 384, 6
+    for nrm in (block.norm1, block.norm2):  # weights away from 1, so that a missing one shows
+        nrm.weight.copy_(1 + 0.5 * torch.randn(c))
+    cache = block.attn.new_cache(b, 16)
+    cache.k[:, :, :pos], cache.v[:, :, :pos] = torch.randn(2, b, 2, pos, 96).unbind(0)
+    cache.seqlens.fill_(pos)
+    cache.longest = pos
+    x, residual = torch.randn(b, 1, c), None if first else torch.randn(b, 1, c)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    with fastlm.ops.use_backend("cpu"):
+        out, h = block(x, residual, cache)
+    assert fused_calls.calls == [True]
+    want, want_h, want_k, want_v = reference_block(block, x[:, 0], None if first else residual[:, 0], k0, v0, pos)
+    assert ref.error(out[:, 0], want) < 1e-5
+    assert ref.error(h[:, 0], want_h) < 1e-6
+    assert ref.error(cache.k, want_k) < 1e-6 and ref.error(cache.v, want_v) < 1e-6
+    assert cache.seqlens.tolist() == [pos + 1] * b and cache.longest == pos + 1
+
+
+@torch.no_grad()
+def test_only_where_it_applies(fused_calls):
+    ids = torch.randint(0, 300, (1, 4))
+    model = llama()
+    seen = []
+    hook = model.blocks[0].mlp.down_proj.register_forward_hook(lambda *args: seen.append(1))
+    decode(model, ids, 1)
+    assert fused_calls.calls == [False] * 3 + [False, True, True] and seen == [1, 1]  # a hooked block
+    hook.remove()
+
+    fused_calls.calls.clear()
+    decode(model.train(), ids, 1)  # dropout may be active
+    model.eval()
+    with torch.enable_grad():  # a gradient may be wanted
+        decode(model, ids, 1)
+    with fastlm.ops.use_backend("torch"):  # the reference path was asked for
+        caches = model.new_caches(1, 8)
+        model(ids, caches=caches)
+        model(ids[:, :1], caches=caches)
+    assert not any(fused_calls.calls)
+
+    float_weights = llama(quantize=False)
+    float_path = llama(quantize=False)
+    fastlm.quantize_(float_path, bits=8, act_quant=False)  # the exact float path stays the modules'
+    for other in (float_weights, float_path):
+        fused_calls.calls.clear()
+        decode(other, ids, 1)
+        assert fused_calls.calls == [False] * 6
+
+
+@torch.no_grad()
+def test_full_cache_raises_as_the_modules_do():
+    model = llama()
+    block = model.blocks[0]
+    cache = block.attn.new_cache(1, 4)
+    block(torch.randn(1, 4, 384), None, cache)
+    with pytest.raises(ValueError, match="overflow the cache"):
+        block(torch.randn(1, 1, 384), None, cache)
+
+
+def test_raw_op_errors():
+    model = llama()
+    block = model.blocks[0]
+    attn, mlp = block.attn, block.mlp
+    linears = (attn.qkv, attn.proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    cache = attn.new_cache(2, 8)
+
+    def call(x=None, k=None, lens=None, position=0, drop=0):
+        lins = linears[:len(linears) - drop]
+        return torch.ops.fastlm_C.decode_block(
+            torch.randn(2, 384) if x is None else x, None, block.norm1.weight, block.norm2.weight, 1e-5,
+            [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins],
+            [m.bits for m in lins], [m.group_size for m in lins], cache.k if k is None else k, cache.v,
+            cache.seqlens if lens is None else lens, position, 4, 2, 10000.0, 96 ** -0.5)
+
+    out, h = call()
+    assert out.shape == h.shape == (2, 384) and cache.seqlens.tolist() == [1, 1]
+    with pytest.raises(RuntimeError, match="decode_block: x must be a contiguous float32"):
+        call(x=torch.randn(2, 384, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="decode_block: qweights, scales"):
+        call(position=1, drop=1)
+    with pytest.raises(RuntimeError, match=r"decode_block: cache_seqlens\[0\] = 1 but position is 3"):
+        call(position=3)
+    with pytest.raises(RuntimeError, match="decode_block: position 8 must lie in"):
+        call(position=8)
+    with pytest.raises(RuntimeError, match="decode_block: k_cache must be"):
+        call(k=torch.zeros(2, 2, 8, 48), position=1)
+    with pytest.raises(RuntimeError, match="decode_block: cache_seqlens must be"):
+        call(lens=torch.ones(2, dtype=torch.int64), position=1)
