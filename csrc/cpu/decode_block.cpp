@@ -10,6 +10,8 @@
 // its helper thread is awake when the next matmul starts.
 #include <ATen/ATen.h>
 
+#include <cstring>
+
 #include "checks.h"
 #include "fastlm.h"
 
@@ -66,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
                   cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(),
               op, ": cache_seqlens must be a contiguous int32 CPU tensor of shape (", B, ")");
   // The new token goes to `position` of every sequence, where decode_attention will look for it.
-  const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
+  int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lens[b] == position, op, ": cache_seqlens[", b, "] = ", lens[b], " but position is ", position,
                 "; every sequence must hold `position` tokens");
@@ -79,15 +81,25 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
 
   // Attention: q, k, v of the new token, rotated to `position`, k and v into the cache.
   const at::Tensor qkv = linear(0, y);
-  const auto heads = [&](int64_t first, int64_t n) {
-    return qkv.narrow(1, first * D, n * D).view({B, 1, n, D}).transpose(1, 2);
+  const auto heads = [&](int64_t first, int64_t count) {
+    return qkv.narrow(1, first * D, count * D).view({B, 1, count, D}).transpose(1, 2);
   };
-  const at::Tensor v = heads(Hq + Hk, Hk);
-  const at::Tensor positions = cache_seqlens.to(at::kLong).unsqueeze(1);
+  const at::Tensor positions = at::full({B, 1}, position, x.options().dtype(at::kLong));
   auto [q, k] = rotary_pos_fwd_cpu(heads(0, Hq), heads(Hq, Hk), positions, theta, D, false, false);
-  k_cache.select(2, position).copy_(k.select(2, 0));
-  v_cache.select(2, position).copy_(v.select(2, 0));
-  cache_seqlens.add_(1);
+  // Plain copies of B x Hk rows of D floats: ATen's copy_ costs ~10 us a call at this size.
+  const int64_t tmax = k_cache.size(2), n = qkv.size(1);
+  const float* kr = k.data_ptr<float>();  // (B, Hk, 1, D), contiguous
+  const float* vr = qkv.data_ptr<float>() + (Hq + Hk) * D;
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < Hk; ++g) {
+      const int64_t off = ((b * Hk + g) * tmax + position) * D;
+      std::memcpy(kc + off, kr + (b * Hk + g) * D, D * sizeof(float));
+      std::memcpy(vc + off, vr + b * n + g * D, D * sizeof(float));
+    }
+    lens[b] += 1;
+  }
   const at::Tensor att = decode_attention_cpu(q, k_cache, v_cache, cache_seqlens, scale);
   const at::Tensor o = linear(1, att.transpose(1, 2).reshape({B, C}));
 
