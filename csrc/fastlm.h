@@ -135,13 +135,14 @@ std::tuple<at::Tensor, at::Tensor> rotary_pos_fwd_cpu(const at::Tensor& q, const
                                                       const at::Tensor& positions, double theta, int64_t rotary_dim,
                                                       bool interleaved, bool backward);
 
-// One pre-norm Llama block at decode on the CPU (csrc/cpu/decode_block.cpp): x (B, C) float32, the
-// previous sub-layer's output, and residual (B, C) or absent (the first block: x is the stream).
+// One pre-norm Llama block at decode on the CPU (csrc/cpu/decode_block.cpp): x (B, 1, C) float32,
+// the previous sub-layer's output, and residual of x's shape or absent (the first block: x is the
+// stream).
 // h = x + residual, y = rms_norm(h) * norm1; the qkv projection, q and k rotated (theta) to
 // `position`, k and v written at `position` of k_cache / v_cache (B, Hk, Tmax, D), cache_seqlens
 // (B) int32, all equal to position, advanced by one; decode attention (scale), proj; h += that,
 // y = rms_norm(h) * norm2; down(silu(gate(y)) * up(y)). The five projections (qkv, proj, gate,
-// up, down) are quant_matmul_dot weights without bias. Returns (mlp out, h), both (B, C).
+// up, down) are quant_matmul_dot weights without bias. Returns (mlp out, h), both (B, 1, C).
 std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
     const at::Tensor& x, const OptTensor& residual, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
     at::TensorList qweights, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& zeros,

@@ -13,6 +13,11 @@ stream beside its output, so every norm is fused with the residual add before it
 modules' `residual=`), and the stream is read once per norm instead of twice; the loss is taken
 a chunk of rows at a time, without the full logits (ops.linear_cross_entropy).
 
+Decoding with a KV cache on the CPU, the Llama block (rmsnorm, rope, swiglu) whose projections
+are all act_quant QuantLinears (fastlm.quantize_(..., act_quant=True)) runs as one kernel call
+(_decode_block): at decode each kernel takes tens of microseconds, and the Python around a
+layer's ten of them cost as much again.
+
 `config.backend` (or `forward(..., backend=)`) runs the same weights through the torch reference
 path ("torch") or a fastlm backend ("cpu", "cuda", "triton"; None = the best available).
 """
@@ -161,30 +166,39 @@ def _decode_block(block: Block, x: Tensor, residual: Tensor | None, cache: KVCac
     quantized Llama block (RMSNorm, rotary attention, SwiGLU; every projection a QuantLinear with
     act_quant and no bias) decoding one float32 token per sequence on the cpu backend, in
     inference, with no hooks; None otherwise, and the modules run as usual."""
-    b, t, c = x.shape
-    if (t != 1 or not x.is_cpu or x.dtype != torch.float32 or block.training or torch.is_grad_enabled()
+    if (x.dim() != 3 or x.shape[1] != 1 or not x.is_cpu or x.dtype != torch.float32 or block.training
+            or torch.is_grad_enabled()
+            or (residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape))
             or torch.compiler.is_compiling() or backends.choose("decode_block", x.device) != "cpu"):
         return None
-    attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+    # Submodules, parameters and buffers straight from their dicts: nn.Module.__getattr__ is a
+    # Python call per read, and this runs ~40 reads per block per token.
+    mods = block._modules
+    attn, mlp, n1, n2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
     if not (type(n1) is RMSNorm and type(n2) is RMSNorm and type(attn) is CausalSelfAttention
-            and type(mlp) is SwiGLU and type(attn.rotary) is Rotary and attn.causal):
+            and type(mlp) is SwiGLU and attn.causal):
         return None
-    linears = (attn.qkv, attn.proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if not all(type(lin) is QuantLinear and lin.act_quant and lin.bias is None and lin.in_features % 32 == 0
-               for lin in linears):
+    am, mm = attn._modules, mlp._modules
+    rotary = am.get("rotary")
+    linears = (am["qkv"], am["proj"], mm["gate_proj"], mm["up_proj"], mm["down_proj"])
+    if type(rotary) is not Rotary or not all(
+            type(lin) is QuantLinear and lin.act_quant and lin._parameters["bias"] is None and lin.in_features % 32 == 0
+            for lin in linears):
         return None
-    if (n1.weight is None or n2.weight is None or n1.eps != n2.eps or cache.k.dtype != torch.float32
+    w1, w2 = n1._parameters["weight"], n2._parameters["weight"]
+    if (w1 is None or w2 is None or n1.eps != n2.eps or cache.k.dtype != torch.float32
             or cache.seqlens.dtype != torch.int32 or cache.longest >= cache.max_len  # the modules say why
-            or _hooked(block, attn, mlp, n1, n2, attn.rotary, *linears)):
+            or _hooked(block, attn, mlp, n1, n2, rotary, *linears)):
         return None
     eps = torch.finfo(torch.float32).eps if n1.eps is None else n1.eps
+    bufs = [lin._buffers for lin in linears]
     out, h = torch.ops.fastlm_C.decode_block(
-        x.reshape(b, c), None if residual is None else residual.reshape(b, c), n1.weight, n2.weight, eps,
-        [lin.qweight for lin in linears], [lin.scales for lin in linears], [lin.zeros for lin in linears],
+        x.contiguous(), None if residual is None else residual.contiguous(), w1, w2, eps,
+        [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
         [lin.bits for lin in linears], [lin.group_size for lin in linears], cache.k, cache.v, cache.seqlens,
-        cache.longest, attn.n_head, attn.n_kv_head, attn.rotary.theta, 1.0 / math.sqrt(attn.head_dim))
+        cache.longest, attn.n_head, attn.n_kv_head, rotary.theta, 1.0 / math.sqrt(attn.head_dim))
     cache.longest += 1
-    return out.view(b, 1, c), h.view(b, 1, c)
+    return out, h
 
 
 class Transformer(nn.Module):

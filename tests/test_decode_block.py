@@ -176,18 +176,20 @@ def test_raw_op_errors():
     linears = (attn.qkv, attn.proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     cache = attn.new_cache(2, 8)
 
-    def call(x=None, k=None, lens=None, position=0, drop=0):
+    def call(x=None, k=None, lens=None, position=0, drop=0, residual=None):
         lins = linears[:len(linears) - drop]
         return torch.ops.fastlm_C.decode_block(
-            torch.randn(2, 384) if x is None else x, None, block.norm1.weight, block.norm2.weight, 1e-5,
+            torch.randn(2, 1, 384) if x is None else x, residual, block.norm1.weight, block.norm2.weight, 1e-5,
             [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins],
             [m.bits for m in lins], [m.group_size for m in lins], cache.k if k is None else k, cache.v,
             cache.seqlens if lens is None else lens, position, 4, 2, 10000.0, 96 ** -0.5)
 
     out, h = call()
-    assert out.shape == h.shape == (2, 384) and cache.seqlens.tolist() == [1, 1]
+    assert out.shape == h.shape == (2, 1, 384) and cache.seqlens.tolist() == [1, 1]
     with pytest.raises(RuntimeError, match="decode_block: x must be a contiguous float32"):
-        call(x=torch.randn(2, 384, dtype=torch.float64))
+        call(x=torch.randn(2, 1, 384, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="decode_block: residual must have x's shape"):
+        call(residual=torch.randn(2, 384), position=1)
     with pytest.raises(RuntimeError, match="decode_block: qweights, scales"):
         call(position=1, drop=1)
     with pytest.raises(RuntimeError, match=r"decode_block: cache_seqlens\[0\] = 1 but position is 3"):

@@ -41,13 +41,17 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
     const at::Tensor& cache_seqlens, int64_t position, int64_t n_head, int64_t n_kv_head, double theta,
     double scale) {
   const char* op = "decode_block";
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, op,
-              ": x must be a contiguous float32 (B, C) CPU tensor, got ", x.scalar_type(), " of shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
+                  x.scalar_type() == at::kFloat,
+              op, ": x must be a contiguous float32 (B, 1, C) CPU tensor, got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  TORCH_CHECK(!present(residual) || residual->sizes() == x.sizes(), op, ": residual must have x's shape ",
+              x.sizes(), ", got ", residual->sizes());
   TORCH_CHECK(qweights.size() == kLinears && scales.size() == kLinears && zeros.size() == kLinears &&
                   bits.size() == kLinears && group_sizes.size() == kLinears,
               op, ": qweights, scales, zeros, bits and group_sizes must hold ", kLinears,
               " entries each (qkv, proj, gate, up, down)");
-  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t B = x.size(0), C = x.size(2);
   TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0 && C % n_head == 0, op, ": n_head ", n_head,
               " must divide C = ", C, " and be a multiple of n_kv_head ", n_kv_head);
   const int64_t Hq = n_head, Hk = n_kv_head, D = C / n_head;
@@ -76,8 +80,10 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
   const Linears linear{qweights, scales, zeros, bits, group_sizes};
 
   // h = x + residual; y = rms_norm(h)
-  auto [y, h, unused_mean, unused_rstd] = norm_fwd_cpu(x, norm1, std::nullopt, residual, eps, /*rms=*/true);
-  if (!present(residual)) h = x;
+  const at::Tensor x2 = x.view({B, C});
+  const OptTensor r2 = present(residual) ? OptTensor(residual->view({B, C})) : std::nullopt;
+  auto [y, h, unused_mean, unused_rstd] = norm_fwd_cpu(x2, norm1, std::nullopt, r2, eps, /*rms=*/true);
+  if (!present(residual)) h = x2;
 
   // Attention: q, k, v of the new token, rotated to `position`, k and v into the cache.
   const at::Tensor qkv = linear(0, y);
@@ -106,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
   // h = h + attn; y = rms_norm(h); mlp = down(silu(gate(y)) * up(y))
   auto [y2, h2, unused_mean2, unused_rstd2] = norm_fwd_cpu(o, norm2, std::nullopt, h, eps, /*rms=*/true);
   const at::Tensor a = silu_mul_fwd_cpu(linear(2, y2), linear(3, y2));
-  return {linear(4, a), h2};
+  return {linear(4, a).view({B, 1, C}), h2.view({B, 1, C})};
 }
 
 }  // namespace fastlm
