@@ -33,6 +33,10 @@ namespace {
 using vec::kW;
 
 constexpr int64_t kTB = 16;  // positions per task
+// Channels a parallel task should rotate at least: a decode step's task (one position of every
+// head, ~2K channels) is a microsecond of work, less than waking an OpenMP worker, whose core may
+// be held by the integer-dot pool's spinning helper besides.
+constexpr int64_t kTaskChannels = 1 << 15;
 
 // One head's rows: element (b, h, t, :) at src + b * sb + h * sh + t * st.
 struct Heads {
@@ -146,7 +150,9 @@ template <typename T, typename C>
 void rotate_all(const Heads* parts, int64_t batch, int64_t t_len, int64_t d, int64_t r, const Angles<C>& an,
                 bool interleaved, bool backward) {
   const int64_t blocks = (t_len + kTB - 1) / kTB;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t task_channels = (parts[0].n + parts[1].n) * std::min(kTB, t_len) * d;
+  const int64_t grain = std::max<int64_t>(1, kTaskChannels / std::max<int64_t>(1, task_channels));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<C> buf(an.cos != nullptr ? 0 : 2 * kTB * r);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, t0 = (task % blocks) * kTB, n = std::min(kTB, t_len - t0);
