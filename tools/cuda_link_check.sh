@@ -105,8 +105,9 @@ torch.ops.load_library(sys.argv[1])
 schemas = [s for s in torch._C._jit_get_all_schemas() if s.name.startswith("fastlm_C::")]
 ops = sorted({s.name for s in schemas})
 assert "fastlm_C::norm_fwd" in ops, f"fastlm_C::norm_fwd not registered (found {ops})"
-# The CPU integer-dot path has no CUDA kernel by design (the GPU kernels keep their float path).
-CPU_ONLY = {"fastlm_C::quant_matmul_dot"}
+# The CPU integer-dot path has no CUDA kernel by design (the GPU kernels keep their float path),
+# nor has the decode block built on it.
+CPU_ONLY = {"fastlm_C::quant_matmul_dot", "fastlm_C::decode_block"}
 
 
 def composite(op):
