@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from fastlm import backends, ops
 from fastlm.nn import MLP, Embedding, LayerNorm, QuantLinear, RMSNorm, SwiGLU
 from fastlm.nn.self_attention import CausalSelfAttention, KVCache, Rotary
+from fastlm.ops.norm import _rms_eps
 
 
 @dataclasses.dataclass
@@ -190,7 +191,7 @@ def _decode_block(block: Block, x: Tensor, residual: Tensor | None, cache: KVCac
             or cache.seqlens.dtype != torch.int32 or cache.longest >= cache.max_len  # the modules say why
             or _hooked(block, attn, mlp, n1, n2, rotary, *linears)):
         return None
-    eps = torch.finfo(torch.float32).eps if n1.eps is None else n1.eps
+    eps = _rms_eps(n1.eps, x)  # the modules' rule for eps=None
     bufs = [lin._buffers for lin in linears]
     out, h = torch.ops.fastlm_C.decode_block(
         x.contiguous(), None if residual is None else residual.contiguous(), w1, w2, eps,
