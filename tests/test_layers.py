@@ -23,12 +23,11 @@ LAYERS = [
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for base, prefix in ((ROOT / "fastlm", ("fastlm",)), (ROOT / "kernels", ("fastlm", "kernels"))):
-        for path in base.rglob("*.py"):
-            parts = [*prefix, *path.relative_to(base).with_suffix("").parts]
-            if parts[-1] == "__init__":
-                parts.pop()
-            found[".".join(parts)] = path
+    for path in (ROOT / "fastlm").rglob("*.py"):
+        parts = ["fastlm", *path.relative_to(ROOT / "fastlm").with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
     return found
 
 

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of kernels/ for Hopper (sm_90), no GPU needed.
+"""Compile every Triton kernel of fastlm/kernels/ for Hopper (sm_90), no GPU needed.
 
     python tools/check_triton.py [FILTER]     # FILTER: substring of "name dtype" to compile
 
@@ -9,9 +9,9 @@ per variant with its shared memory, registers and spills; a variant fails if it 
 or needs more shared memory than an H100/H200 block may have (MAX_SHARED: such a kernel compiles
 but fails at launch). The exit status is non-zero if any variant fails.
 
-Each kernels/<op>.py lists its variants beside its launchers, in a `compile_specs()` function returning
-kernels._spec.Spec objects; every module of kernels/ that defines one is compiled, so a new op needs no
-edit here.
+Each fastlm/kernels/<op>.py lists its variants beside its launchers, in a `compile_specs()` function
+returning fastlm.kernels._spec.Spec objects; every module of fastlm/kernels/ that defines one is compiled,
+so a new op needs no edit here.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kernels` without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fastlm without installing
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels._spec import Spec  # noqa: E402
+import fastlm.kernels as kernels  # noqa: E402
+from fastlm.kernels._spec import Spec  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
@@ -84,8 +84,9 @@ def _cubin_resources(cubin: bytes) -> tuple[int | None, int | None]:
 
 
 def kernel_modules() -> list[str]:
-    """Every module of kernels/, in name order; those that define compile_specs() are compiled."""
-    return sorted(f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_"))
+    """Every module of fastlm/kernels/, in name order; those that define compile_specs() are compiled."""
+    names = (m.name for m in pkgutil.iter_modules(kernels.__path__))
+    return sorted(f"fastlm.kernels.{n}" for n in names if not n.startswith("_"))
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ $V/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" build
 $V/python -m build -q --sdist --outdir "$WORK/dist" . > "$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/fastlm-*.tar.gz)
 tar -tzf "$SDIST" > "$WORK/files"
-for need in csrc/registration.cpp csrc/cuda/attention.cu kernels/norm.py build_backend/fastlm_build_backend.py \
+for need in csrc/registration.cpp csrc/cuda/attention.cu fastlm/kernels/norm.py build_backend/fastlm_build_backend.py \
             fastlm/_build.py README.md; do
   grep -q "/$need\$" "$WORK/files" || { echo "install-check: the sdist lacks $need"; exit 1; }
 done

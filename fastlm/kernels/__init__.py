@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op: launchers, no autograd or dispatch."""

@@ -1,1 +1,0 @@
-"""Triton kernels, one module per op (installed as fastlm.kernels): launchers, no autograd or dispatch."""
