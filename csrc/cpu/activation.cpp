@@ -121,9 +121,11 @@ inline __m256 gelu_grad_ps(__m256 v) {
 }
 
 // Tiles: a run of up to kCols columns of one row, so that one long row still splits across
-// threads and short rows come many to a task.
+// threads and short rows come many to a task. At least 64K elements a task: a decode step's
+// 8 x 4096 silu_mul, right after the up projection, took ~80 us as an OpenMP region against
+// 30-40 us on the calling thread alone (2-core AMD EPYC Zen 3, inside the fused decode block).
 constexpr int64_t kCols = 4096;
-constexpr int64_t kGrainElems = 1 << 14;
+constexpr int64_t kGrainElems = 1 << 16;
 
 template <typename T>
 inline void load_tail(const T* p, int64_t n, float* buf) {
