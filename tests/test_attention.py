@@ -204,11 +204,14 @@ def test_decode_lone_query_head_dims(backend, device, d):
         assert rel_err(got[i:i + 1].cpu(), want[i:i + 1]) < 2e-5, f"sequence {i}"
 
 
-@pytest.mark.parametrize("hq,tn", [(1, 1), (2, 1), (2, 3)])
-def test_decode_long_cache_few_heads(backend, device, hq, tn):
+@pytest.mark.parametrize("hq,tn,d", [(1, 1, 32), (2, 1, 32), (2, 3, 32), (4, 2, 128)])
+def test_decode_long_cache_few_heads(backend, device, hq, tn, d):
     # One sequence and one key/value head against 700 cached keys: the CPU splits the cache into
-    # slices run in parallel and merges their partial softmaxes.
-    tmax, d = (700, 32) if not INTERPRET else (80, 16)
+    # slices and merges their partial softmaxes. The slices of the small heads run on the calling
+    # thread; those of 8 queries x 128 dims pass the CPU's inline threshold (2^19 multiply-adds)
+    # and run in a parallel region.
+    tmax = 700 if not INTERPRET else 80
+    d = d if not INTERPRET else 16
     seqlens = torch.tensor([tmax - 3], dtype=torch.int64)
     k_cache = torch.randn(1, 1, tmax, d, device=device)
     v_cache = torch.randn(1, 1, tmax, d, device=device)
