@@ -23,7 +23,7 @@ WEIGHTS = [(8, 96, None, True, torch.float32), (8, 512, None, True, torch.bfloat
 WEIGHTS += [(4, k, g, sym, torch.float32) for k in (96, 256, 384) for g in (32, 64, 128) if k % g == 0
             for sym in (True, False)]
 WEIGHTS += [(4, 256, 32, True, torch.bfloat16), (4, 256, 128, False, torch.float16)]
-MS = (1, 2, 3, 4, 5, 17, 64)
+MS = (1, 2, 3, 4, 5, 8, 12, 17, 64)
 
 
 def isas() -> list[str]:
@@ -98,17 +98,18 @@ def test_matches_reference_where_float_path_is_exact(isa):
     assert ref.error(y, yf.double(), ref.quant_linear(q.abs(), quant.dequantize(qw, torch.float64).abs())) <= 4e-6
 
 
-def test_non_finite(isa):
+@pytest.mark.parametrize("m", [3, 9])  # 9: int4 takes 8 rows of x at once on 256-bit kernels
+def test_non_finite(isa, m):
     k = 128
     qw = make_weight(N, k, 4, 32, True)
-    x = torch.randn(3, k)
+    x = torch.randn(m, k)
     x[0, 40] = float("inf")
     x[1, 5] = float("nan")
     y = ops.quant_linear(x, qw, backend="cpu", act_quant=True)
-    assert bool(y[:2].isnan().all()) and bool(y[2].isfinite().all())
+    assert bool(y[:2].isnan().all()) and bool(y[2:].isfinite().all())
     qw.scales[7, 1] = float("nan")
-    y = ops.quant_linear(torch.randn(2, k), qw, backend="cpu", act_quant=True)
-    assert bool(y[:, 7].isnan().all()) and int(y.isnan().sum()) == 2
+    y = ops.quant_linear(torch.randn(m - 1, k), qw, backend="cpu", act_quant=True)
+    assert bool(y[:, 7].isnan().all()) and int(y.isnan().sum()) == m - 1
 
 
 def test_zero_rows_and_large_m_take_the_float_path():

@@ -9,8 +9,9 @@
 // FASTLM_QUANT_ISA=avx2|avx_vnni|avx512_vnni, or torch.ops.fastlm_C.quant_dot_isa, forces one.
 //
 // Threads: rows of W in chunks of about 64 KiB, claimed from a shared counter (parallel_chunks);
-// for M > 1 a chunk's rows are walked once per 4 rows of x, so the chunk's bytes come from memory
-// once and from L2 after that, and each unpacked 64-byte step serves up to 4 rows of x at once.
+// for M > 1 a chunk's rows are walked once per 4 rows of x (int4 on 256-bit kernels: per 8 while
+// 8 are left), so the chunk's bytes come from memory once and from L2 after that, and each
+// unpacked weight serves up to 4 (8) rows of x at once.
 #include <ATen/Parallel.h>
 #include <pthread.h>
 
@@ -246,6 +247,9 @@ inline void quant_block(const T* x, __m256i& q, float& d, int32_t& sum) {
 struct ActBuf {
   int8_t* q;
   float *d, *corr;
+  int8_t* q8;
+  float* d8;
+  int32_t* s8;
 };
 
 // Row i of x into the kernel order of quant_dot.h, its block scales and the zero-point sums.
@@ -282,6 +286,31 @@ void quant_row(const T* x, int64_t k, int bits, int64_t group, int sb, const Act
   if (bits == 8) *corr = static_cast<float>(128.0 * total);
 }
 
+// Row i (< M / 8 * 8) of x into the row-interleaved order of quant_dot.h (int4, 256-bit kernels).
+template <typename T>
+void quant_row8(const T* x, int64_t k, const ActBuf& a, int64_t i) {
+  const int64_t nb = k / kBlock, g = i / 8, r = i % 8;
+  // Per 128-bit lane: the even k, then the odd; then lanes regrouped to [even 0..30 | odd 1..31],
+  // whose 4-byte words t and 4 + t are step t's even and odd k.
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v;
+    float d;
+    int32_t sum;
+    quant_block(x + b * kBlock, v, d, sum);
+    alignas(32) int32_t w[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xd8));
+    int8_t* o = a.q8 + (g * nb + b) * 256 + r * 4;
+    for (int t = 0; t < 4; ++t) {
+      __builtin_memcpy(o + t * 64, &w[t], 4);
+      __builtin_memcpy(o + t * 64 + 32, &w[4 + t], 4);
+    }
+    a.d8[(g * nb + b) * 8 + r] = d;
+    a.s8[(g * nb + b) * 8 + r] = sum;
+  }
+}
+
 }  // namespace
 }  // namespace qdot
 
@@ -304,12 +333,14 @@ struct Ctx {
   const qdot::Problem* p;
   qdot::RowsFn fn;
   int64_t rows;  // rows of W per chunk
+  int64_t m8;    // rows of x taken 8 at once (Act::q8)
 };
 
 void run_chunk(void* v, int64_t c) {
   const Ctx& cx = *static_cast<const Ctx*>(v);
   const int64_t n0 = c * cx.rows, n1 = std::min(cx.p->n, n0 + cx.rows);
-  for (int64_t m0 = 0; m0 < cx.p->m; m0 += 4) {
+  for (int64_t m0 = 0; m0 < cx.m8; m0 += 8) cx.fn(*cx.p, n0, n1, m0, 8);
+  for (int64_t m0 = cx.m8; m0 < cx.p->m; m0 += 4) {
     cx.fn(*cx.p, n0, n1, m0, static_cast<int>(std::min<int64_t>(4, cx.p->m - m0)));
   }
 }
@@ -370,16 +401,23 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
 
   const Isa isa = current_isa();
   const int64_t nb = k / kBlock, ncorr = bits == 4 ? groups : 1;
-  // One float buffer: d (M, nb), corr (M, ncorr), then q (M, K) bytes.
-  const int64_t floats = m * (nb + ncorr);
-  at::Tensor work = at::empty({floats + (m * k + 3) / 4}, y.options());
+  // int4 on the 256-bit kernels takes x 8 rows at once where it can (rows_int4_x8; AMD EPYC Zen 3,
+  // one thread, 128 x 4096 g32 weights, M = 16: about 2x rows_int4_nb's 4 at once).
+  const int64_t m8 = bits == 4 && isa != Isa::avx512_vnni ? m / 8 * 8 : 0;
+  // One float buffer: d (M, nb), corr (M, ncorr), d8 and s8 (m8, nb), then q (M, K) and q8
+  // (m8, K) bytes. The rows taken 8 at once leave their places in d, corr and q unused.
+  const int64_t floats = m * (nb + ncorr) + 2 * m8 * nb;
+  at::Tensor work = at::empty({floats + ((m + m8) * k + 3) / 4}, y.options());
   float* base = work.data_ptr<float>();
-  const ActBuf a{reinterpret_cast<int8_t*>(base + floats), base, base + m * nb};
+  int8_t* bytes = reinterpret_cast<int8_t*>(base + floats);
+  const ActBuf a{bytes, base, base + m * nb, bytes + m * k, base + m * (nb + ncorr),
+                 reinterpret_cast<int32_t*>(base + m * (nb + ncorr) + m8 * nb)};
   const int sb = super_blocks(isa);
   // Serial: at most 64 rows, tens of microseconds; an OpenMP region here left its threads spinning
   // on the cores that the pool's helpers then needed (M = 8 measured 5x slower than M = 4).
   const auto quantize_x = [&](const auto* xp) {
-    for (int64_t i = 0; i < m; ++i) quant_row(xp + i * k, k, static_cast<int>(bits), group_size, sb, a, i);
+    for (int64_t i = 0; i < m8; ++i) quant_row8(xp + i * k, k, a, i);
+    for (int64_t i = m8; i < m; ++i) quant_row(xp + i * k, k, static_cast<int>(bits), group_size, sb, a, i);
   };
   if (x.scalar_type() == at::kFloat) {
     quantize_x(x.data_ptr<float>());
@@ -390,7 +428,7 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   }
   at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
-  const Problem p{Act{a.q, a.d, a.corr},
+  const Problem p{Act{a.q, a.d, a.corr, a.q8, a.d8, a.s8},
                   static_cast<const uint8_t*>(qweight.data_ptr()),
                   scales.data_ptr(),
                   has_zeros ? zeros->data_ptr() : nullptr,
@@ -402,7 +440,7 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   const int64_t chunks = (n + rows - 1) / rows;
   // Alone below ~256 KiB of weights (times rows of x), where waking a thread costs more than it saves.
   const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, chunks * std::min<int64_t>(m, 4) / 4 - 1);
-  Ctx cx{&p, rows_fn(isa), rows};
+  Ctx cx{&p, rows_fn(isa), rows, m8};
   parallel_chunks(chunks, static_cast<int>(std::max<int64_t>(0, helpers)), run_chunk, &cx);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
