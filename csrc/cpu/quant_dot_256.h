@@ -54,16 +54,29 @@ QD_TARGET inline float hsum(__m256 v);
 // sum over the row's groups of scale * zero * corr: what the stored (unsigned) int4 values add
 // beyond the signed ones, taken off once per row.
 QD_TARGET inline float zero_share(const Problem& p, int64_t g0, const float* corr) {
-  __m256 acc = _mm256_setzero_ps();
+  // Four chains: one would wait on the FMA's latency every 8 groups.
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t g = 0;
-  for (; g + 8 <= p.groups; g += 8) {
-    const __m256 z = p.zeros ? load8(p.zeros, g0 + g, p.scale_type) : _mm256_set1_ps(8.f);
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(load8(p.scales, g0 + g, p.scale_type), z), _mm256_loadu_ps(corr + g), acc);
+  if (!p.zeros) {
+    for (; g + 32 <= p.groups; g += 32) {
+      for (int u = 0; u < 4; ++u) {
+        const int64_t i = g + 8 * u;
+        acc[u] = _mm256_fmadd_ps(load8(p.scales, g0 + i, p.scale_type), _mm256_loadu_ps(corr + i), acc[u]);
+      }
+    }
+    for (; g + 8 <= p.groups; g += 8)
+      acc[0] = _mm256_fmadd_ps(load8(p.scales, g0 + g, p.scale_type), _mm256_loadu_ps(corr + g), acc[0]);
+    float c = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; g < p.groups; ++g) c += to_float(p.scales, g0 + g, p.scale_type) * corr[g];
+    return 8.f * c;
   }
-  float c = hsum(acc);
+  for (; g + 8 <= p.groups; g += 8) {
+    const __m256 sz = _mm256_mul_ps(load8(p.scales, g0 + g, p.scale_type), load8(p.zeros, g0 + g, p.scale_type));
+    acc[(g / 8) & 3] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(corr + g), acc[(g / 8) & 3]);
+  }
+  float c = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
   for (; g < p.groups; ++g) {
-    const float z = p.zeros ? to_float(p.zeros, g0 + g, p.scale_type) : 8.f;
-    c += to_float(p.scales, g0 + g, p.scale_type) * z * corr[g];
+    c += to_float(p.scales, g0 + g, p.scale_type) * to_float(p.zeros, g0 + g, p.scale_type) * corr[g];
   }
   return c;
 }
