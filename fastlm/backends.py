@@ -110,6 +110,13 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlm_C::{op}", dispatch_key)
 
 
+def quant_isa() -> str | None:
+    """The instruction set the CPU's integer quantized matmul runs (None without the extension)."""
+    if extension_error():
+        return None
+    return torch.ops.fastlm_C.quant_dot_isa(-1)
+
+
 def extension_has_cuda() -> bool:
     """Whether fastlm._C was built with its CUDA kernels (whether or not a GPU is present)."""
     return _load_extension() and _has_kernel("norm_fwd", "CUDA")

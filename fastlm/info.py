@@ -66,9 +66,7 @@ def versions() -> dict:
 
 def quant_isa() -> str | None:
     """The instruction set the CPU's integer quantized matmul runs (None without the extension)."""
-    if backends.extension_error():
-        return None
-    return torch.ops.fastlm_C.quant_dot_isa(-1)
+    return backends.quant_isa()
 
 
 def summary(device: torch.device) -> dict:

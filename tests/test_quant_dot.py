@@ -122,6 +122,22 @@ def test_zero_rows_and_large_m_take_the_float_path():
     assert torch.equal(ops.quant_linear(x, qw, backend="cpu", act_quant=True), ops.quant_linear(x, qw, backend="cpu"))
 
 
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_large_m_int4_on_256_bit_kernels(isa, sym):
+    # Past DOT_MAX_M int4 stays on the integer path where x is taken 8 rows at once (AVX2,
+    # AVX-VNNI); the 512-bit kernels hand it to the float path.
+    k, m = 256, ops.quant_matmul.DOT_MAX_M + 37  # 12 groups of 8 rows and 5 left
+    qw = make_weight(N, k, 4, 32, sym)
+    x = torch.randn(m, k)
+    y = ops.quant_linear(x, qw, backend="cpu", act_quant=True)
+    if isa == "avx512_vnni":
+        assert torch.equal(y, ops.quant_linear(x, qw, backend="cpu"))
+        return
+    wd = quant.dequantize(qw, torch.float64)
+    xq = ref.act_quant(x)
+    assert ref.error(y, ref.quant_linear(xq, wd), ref.quant_linear(xq.abs(), wd.abs())) <= 4e-6
+
+
 def test_gradient():
     qw = make_weight(N, 128, 4, 64, False)
     x = torch.randn(5, 128, requires_grad=True)

@@ -15,8 +15,10 @@ With act_quant=True the CPU backend quantizes the input too: to int8 per block o
 (d = absmax / 127, the rows of x separately) once per call, and multiplies in int32
 (torch.ops.fastlm.quant_matmul_dot; csrc/cpu/quant_dot.h). That adds the input's rounding,
 at most d / 2 per element (README, "Quantization", has the measured error), and is what makes
-the matmul memory-bound at small M. It runs for M <= 64 and K a multiple of 32; larger M, and
-every other backend, take the float path, whose result does not depend on act_quant.
+the matmul memory-bound at small M. It runs for K a multiple of 32 and M <= 64, or any M for int4
+weights where the CPU runs the 256-bit kernels (AVX2, AVX-VNNI: they take x 8 rows at once and
+beat the float path at every M measured); larger M, and every other backend, take the float
+path, whose result does not depend on act_quant.
 
 Scales (and zeros) may be bfloat16 or float16 (fastlm/quant.py): the integer CPU kernel reads
 them as stored; the float paths widen them to float32 first.
@@ -75,7 +77,16 @@ quant_matmul_dot.register_fake(_fake)
 
 # The largest M the integer kernel takes: past it the float path's blocked GEMM, which reuses
 # each dequantized weight tile across 128 rows of x, is as fast (fastlm/bench/quant_matmul.py).
+# Not for int4 on the 256-bit kernels, which take 8 rows of x at once: AMD EPYC Zen 3, 2 threads,
+# 4096 x 4096 g32, M = 64 / 512 / 2048: 8.8 / 70 / 318 ms against the float path's 19 / 112 / 418
+# (int8 there: 12.4 / 98 / 413 against 18 / 113 / 412, so int8 keeps the bound).
 DOT_MAX_M = 64
+
+
+def _dot_takes(m: int, bits: int) -> bool:
+    if m <= DOT_MAX_M:
+        return True
+    return bits == 4 and backends.quant_isa() != "avx512_vnni"
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,7 +139,7 @@ def quant_linear(input: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
     # Plain calls where they do nothing: at decode sizes this function's own cost shows.
     x2 = (input if input.dim() == 2 else input.reshape(-1, k)).contiguous()
     scales, zeros = weight.scales, weight.zeros
-    dot = act_quant and backend == "cpu" and x2.shape[0] <= DOT_MAX_M and k % 32 == 0
+    dot = act_quant and backend == "cpu" and k % 32 == 0 and _dot_takes(x2.shape[0], weight.bits)
     if not dot and scales.dtype != torch.float32:
         scales, zeros = scales.float(), None if zeros is None else zeros.float()
     args = (x2, weight.qweight.contiguous(), scales.contiguous(), None if zeros is None else zeros.contiguous(),
