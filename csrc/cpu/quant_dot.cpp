@@ -413,7 +413,8 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   const ActBuf a{bytes, base, base + m * nb, bytes + m * k, base + m * (nb + ncorr),
                  reinterpret_cast<int32_t*>(base + m * (nb + ncorr) + m8 * nb)};
   const int sb = super_blocks(isa);
-  // Serial: at most 64 rows, tens of microseconds; an OpenMP region here left its threads spinning
+  // Serial: tens of microseconds at decode sizes (int4 now also brings prefill's M here, where
+  // this pass is not yet measured); an OpenMP region here left its threads spinning
   // on the cores that the pool's helpers then needed (M = 8 measured 5x slower than M = 4).
   const auto quantize_x = [&](const auto* xp) {
     for (int64_t i = 0; i < m8; ++i) quant_row8(xp + i * k, k, a, i);
