@@ -23,7 +23,7 @@ WEIGHTS = [(8, 96, None, True, torch.float32), (8, 512, None, True, torch.bfloat
 WEIGHTS += [(4, k, g, sym, torch.float32) for k in (96, 256, 384) for g in (32, 64, 128) if k % g == 0
             for sym in (True, False)]
 WEIGHTS += [(4, 256, 32, True, torch.bfloat16), (4, 256, 128, False, torch.float16)]
-MS = (1, 2, 3, 4, 5, 8, 12, 17, 64)
+MS = (1, 2, 3, 4, 5, 8, 12, 17, 25, 64)  # 17, 25, 64: groups of 16 (512-bit) and of 8
 
 
 def isas() -> list[str]:
@@ -98,7 +98,7 @@ def test_matches_reference_where_float_path_is_exact(isa):
     assert ref.error(y, yf.double(), ref.quant_linear(q.abs(), quant.dequantize(qw, torch.float64).abs())) <= 4e-6
 
 
-@pytest.mark.parametrize("m", [3, 9])  # 9: int4 takes 8 rows of x at once on 256-bit kernels
+@pytest.mark.parametrize("m", [3, 9, 17])  # 9, 17: x taken 8 (int4, 256-bit) or 16 (512-bit) rows at once
 def test_non_finite(isa, m):
     k = 128
     qw = make_weight(N, k, 4, 32, True)
@@ -112,25 +112,23 @@ def test_non_finite(isa, m):
     assert bool(y[:, 7].isnan().all()) and int(y.isnan().sum()) == m - 1
 
 
-def test_zero_rows_and_large_m_take_the_float_path():
+def test_zero_rows_and_k_off_the_block_take_the_float_path():
     qw = make_weight(N, 64, 8, None, True)
     assert ops.quant_linear(torch.zeros(2, 64), qw, backend="cpu", act_quant=True).abs().max() == 0
-    x = torch.randn(ops.quant_matmul.DOT_MAX_M + 1, 64)
-    assert torch.equal(ops.quant_linear(x, qw, backend="cpu", act_quant=True), ops.quant_linear(x, qw, backend="cpu"))
     x = torch.randn(3, 48)  # K not a multiple of 32: the float path
     qw = make_weight(N, 48, 8, None, True)
     assert torch.equal(ops.quant_linear(x, qw, backend="cpu", act_quant=True), ops.quant_linear(x, qw, backend="cpu"))
 
 
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
-def test_large_m_int4_on_256_bit_kernels(isa, sym):
-    # Past DOT_MAX_M int4 stays on the integer path where x is taken 8 rows at once (AVX2,
-    # AVX-VNNI); the 512-bit kernels hand it to the float path.
-    k, m = 256, ops.quant_matmul.DOT_MAX_M + 37  # 12 groups of 8 rows and 5 left
-    qw = make_weight(N, k, 4, 32, sym)
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)], ids=["int4-sym", "int4-asym", "int8"])
+def test_large_m(isa, bits, sym):
+    # Past DOT_MAX_M the integer path stays where the kernels take many rows of x at once (int4
+    # everywhere, int8 on the 512-bit kernels); int8 on the 256-bit kernels takes the float path.
+    k, m = 256, ops.quant_matmul.DOT_MAX_M + 37  # 16-row groups, then 8, then 5 rows
+    qw = make_weight(N, k, bits, 32 if bits == 4 else None, sym)
     x = torch.randn(m, k)
     y = ops.quant_linear(x, qw, backend="cpu", act_quant=True)
-    if isa == "avx512_vnni":
+    if bits == 8 and isa != "avx512_vnni":
         assert torch.equal(y, ops.quant_linear(x, qw, backend="cpu"))
         return
     wd = quant.dequantize(qw, torch.float64)

@@ -9,9 +9,9 @@
 // FASTLM_QUANT_ISA=avx2|avx_vnni|avx512_vnni, or torch.ops.fastlm_C.quant_dot_isa, forces one.
 //
 // Threads: rows of W in chunks of about 64 KiB, claimed from a shared counter (parallel_chunks);
-// for M > 1 a chunk's rows are walked once per 4 rows of x (int4 on 256-bit kernels: per 8 while
-// 8 are left), so the chunk's bytes come from memory once and from L2 after that, and each
-// unpacked weight serves up to 4 (8) rows of x at once.
+// for M > 1 a chunk's rows are walked once per 4 rows of x (per 16, then 8, on the 512-bit
+// kernels; per 8 for int4 on the 256-bit ones, while that many are left), so the chunk's bytes
+// come from memory once and from L2 after that, and each unpacked weight serves that many rows.
 #include <ATen/Parallel.h>
 #include <pthread.h>
 
@@ -286,12 +286,13 @@ void quant_row(const T* x, int64_t k, int bits, int64_t group, int sb, const Act
   if (bits == 8) *corr = static_cast<float>(128.0 * total);
 }
 
-// Row i (< M / 8 * 8) of x into the row-interleaved order of quant_dot.h (int4, 256-bit kernels).
+// Row i of x, row r of the group of R rows from i - r, into the row-interleaved order of
+// quant_dot.h (Act::q8).
 template <typename T>
-void quant_row8(const T* x, int64_t k, const ActBuf& a, int64_t i) {
-  const int64_t nb = k / kBlock, g = i / 8, r = i % 8;
-  // Per 128-bit lane: the even k, then the odd; then lanes regrouped to [even 0..30 | odd 1..31],
-  // whose 4-byte words t and 4 + t are step t's even and odd k.
+void quant_row_il(const T* x, int64_t k, int bits, int R, const ActBuf& a, int64_t i, int64_t r) {
+  const int64_t nb = k / kBlock, m0 = i - r;
+  // int4: per 128-bit lane the even k, then the odd; then lanes regrouped to [even 0..30 | odd
+  // 1..31], whose 4-byte words t and 4 + t are step t's even and odd k. int8: natural order.
   const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                          0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t b = 0; b < nb; ++b) {
@@ -300,14 +301,15 @@ void quant_row8(const T* x, int64_t k, const ActBuf& a, int64_t i) {
     int32_t sum;
     quant_block(x + b * kBlock, v, d, sum);
     alignas(32) int32_t w[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xd8));
-    int8_t* o = a.q8 + (g * nb + b) * 256 + r * 4;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w),
+                       bits == 8 ? v : _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xd8));
+    int8_t* o = a.q8 + m0 * k + b * 32 * R + r * 4;
     for (int t = 0; t < 4; ++t) {
-      __builtin_memcpy(o + t * 64, &w[t], 4);
-      __builtin_memcpy(o + t * 64 + 32, &w[4 + t], 4);
+      __builtin_memcpy(o + t * 8 * R, &w[bits == 8 ? 2 * t : t], 4);
+      __builtin_memcpy(o + t * 8 * R + 4 * R, &w[bits == 8 ? 2 * t + 1 : 4 + t], 4);
     }
-    a.d8[(g * nb + b) * 8 + r] = d;
-    a.s8[(g * nb + b) * 8 + r] = sum;
+    a.d8[m0 * nb + b * R + r] = d;
+    a.s8[m0 * nb + b * R + r] = sum;
   }
 }
 
@@ -332,14 +334,15 @@ namespace {
 struct Ctx {
   const qdot::Problem* p;
   qdot::RowsFn fn;
-  int64_t rows;  // rows of W per chunk
-  int64_t m8;    // rows of x taken 8 at once (Act::q8)
+  int64_t rows;      // rows of W per chunk
+  int64_t m16, m8;   // rows of x taken 16 at once (the first m16), then 8 (up to m8): Act::q8
 };
 
 void run_chunk(void* v, int64_t c) {
   const Ctx& cx = *static_cast<const Ctx*>(v);
   const int64_t n0 = c * cx.rows, n1 = std::min(cx.p->n, n0 + cx.rows);
-  for (int64_t m0 = 0; m0 < cx.m8; m0 += 8) cx.fn(*cx.p, n0, n1, m0, 8);
+  for (int64_t m0 = 0; m0 < cx.m16; m0 += 16) cx.fn(*cx.p, n0, n1, m0, 16);
+  for (int64_t m0 = cx.m16; m0 < cx.m8; m0 += 8) cx.fn(*cx.p, n0, n1, m0, 8);
   for (int64_t m0 = cx.m8; m0 < cx.p->m; m0 += 4) {
     cx.fn(*cx.p, n0, n1, m0, static_cast<int>(std::min<int64_t>(4, cx.p->m - m0)));
   }
@@ -401,11 +404,14 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
 
   const Isa isa = current_isa();
   const int64_t nb = k / kBlock, ncorr = bits == 4 ? groups : 1;
-  // int4 on the 256-bit kernels takes x 8 rows at once where it can (rows_int4_x8; AMD EPYC Zen 3,
-  // one thread, 128 x 4096 g32 weights, M = 16: about 2x rows_int4_nb's 4 at once).
-  const int64_t m8 = bits == 4 && isa != Isa::avx512_vnni ? m / 8 * 8 : 0;
+  // x 8 or 16 rows at once where it can: int4 on the 256-bit kernels, 8 at once (rows_int4_x8; AMD
+  // EPYC Zen 3, one thread, 128 x 4096 g32 weights, M = 16: about 2x rows_int4_nb's 4 at once);
+  // the 512-bit ones 16 at once, then 8 (quant_dot_avx512_il.cpp).
+  const bool wide = isa == Isa::avx512_vnni;
+  const int64_t m16 = wide ? m / 16 * 16 : 0;
+  const int64_t m8 = wide || bits == 4 ? m16 + (m - m16) / 8 * 8 : 0;
   // One float buffer: d (M, nb), corr (M, ncorr), d8 and s8 (m8, nb), then q (M, K) and q8
-  // (m8, K) bytes. The rows taken 8 at once leave their places in d, corr and q unused.
+  // (m8, K) bytes. The rows taken 8 or 16 at once leave their places in d, corr and q unused.
   const int64_t floats = m * (nb + ncorr) + 2 * m8 * nb;
   at::Tensor work = at::empty({floats + ((m + m8) * k + 3) / 4}, y.options());
   float* base = work.data_ptr<float>();
@@ -417,7 +423,10 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   // this pass is not yet measured); an OpenMP region here left its threads spinning
   // on the cores that the pool's helpers then needed (M = 8 measured 5x slower than M = 4).
   const auto quantize_x = [&](const auto* xp) {
-    for (int64_t i = 0; i < m8; ++i) quant_row8(xp + i * k, k, a, i);
+    for (int64_t i = 0; i < m8; ++i) {
+      const int64_t r = i < m16 ? i % 16 : (i - m16) % 8;
+      quant_row_il(xp + i * k, k, static_cast<int>(bits), i < m16 ? 16 : 8, a, i, r);
+    }
     for (int64_t i = m8; i < m; ++i) quant_row(xp + i * k, k, static_cast<int>(bits), group_size, sb, a, i);
   };
   if (x.scalar_type() == at::kFloat) {
@@ -441,7 +450,7 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   const int64_t chunks = (n + rows - 1) / rows;
   // Alone below ~256 KiB of weights (times rows of x), where waking a thread costs more than it saves.
   const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, chunks * std::min<int64_t>(m, 4) / 4 - 1);
-  Ctx cx{&p, rows_fn(isa), rows, m8};
+  Ctx cx{&p, rows_fn(isa), rows, m16, m8};
   parallel_chunks(chunks, static_cast<int>(std::max<int64_t>(0, helpers)), run_chunk, &cx);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -20,11 +20,13 @@ constexpr int64_t kBlock = 32;  // k per activation block
 // (16 values each). A load of S x 16 packed bytes then meets the low nibbles (even k) with the
 // first half and the high nibbles (odd k) with the second, with no shuffle of the weights.
 //
-// Eight rows at once (int4 on the 256-bit kernels, the first M / 8 * 8 rows): "row-interleaved"
-// order. For each group of 8 rows and each block, 256 bytes in 4 steps of 8 k; a step holds the
-// even k of the 8 rows (4 bytes each: k0, k2, k4, k6 of row 0, then of row 1, ..), then the odd k.
-// A 4-byte broadcast of the packed weights (8 k: the low nibbles even, the high odd) then meets
-// the same 4 k of every row of the group in one instruction.
+// R rows at once (R = 8: int4 on the 256-bit kernels, and the 512-bit kernels' last 8; R = 16:
+// the 512-bit kernels): "row-interleaved" order. A group of R rows from row m0 starts at
+// q8 + m0 * K; each block of it is 32 R bytes in 4 steps of 8 k, a step holding the even half of
+// the R rows (4 bytes each, row after row), then the odd half. int4: the even half is k 0, 2, 4, 6
+// of the step, the odd half k 1, 3, 5, 7, so that a 4-byte broadcast of the packed weights (8 k:
+// the low nibbles even, the high odd) meets the same 4 k of every row of the group in one
+// instruction. int8: natural order (k 0..3, then 4..7).
 struct Act {
   const int8_t* q;       // (M, K) quantized x, kernel order
   const float* d;        // (M, K / 32) block scales; kernels widen them to their int32 lanes in
@@ -32,9 +34,9 @@ struct Act {
                          // int8 and push x out of L1 once K passes ~8K)
   const float* corr;     // int4: (M, groups) sum over a group's blocks of d * sum(q); int8: (M) the
                          // same over all blocks times 128 (the 512-bit kernel's offset)
-  const int8_t* q8;      // (M / 8, K / 32, 256) the first M / 8 * 8 rows row-interleaved, or null
-  const float* d8;       // (M / 8, K / 32, 8) their block scales, a block's 8 rows together
-  const int32_t* s8;     // (M / 8, K / 32, 8) their block sums of q, likewise
+  const int8_t* q8;      // the first rows, in groups of R row-interleaved (above), or null
+  const float* d8;       // their block scales, a group's from m0 * K / 32 on, a block's R rows together
+  const int32_t* s8;     // their block sums of q, likewise
 };
 
 enum class ScaleType : int { f32 = 0, bf16 = 1, f16 = 2 };
@@ -51,8 +53,8 @@ struct Problem {
   ScaleType scale_type;
 };
 
-// Rows [n0, n1) of y for rows [m0, m0 + mb) of x, mb in 1..4, or mb = 8 (m0 a multiple of 8, from
-// Act::q8; int4 on the 256-bit kernels only). Each kernel file defines one.
+// Rows [n0, n1) of y for rows [m0, m0 + mb) of x, mb in 1..4, or mb = R (8 or 16: the group of
+// Act::q8 from m0). Each kernel file defines one.
 using RowsFn = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t m0, int mb);
 
 enum class Isa : int { avx2 = 1, avx512_vnni = 2, avx_vnni = 3 };
@@ -60,6 +62,7 @@ enum class Isa : int { avx2 = 1, avx512_vnni = 2, avx_vnni = 3 };
 void rows_avx2(const Problem&, int64_t, int64_t, int64_t, int);
 void rows_avxvnni(const Problem&, int64_t, int64_t, int64_t, int);
 void rows_avx512(const Problem&, int64_t, int64_t, int64_t, int);
+void rows_avx512_il(const Problem&, int64_t, int64_t, int64_t, int);  // mb = R (quant_dot_avx512_il.cpp)
 
 // Super-block width (blocks) of the int4 kernel order for each instruction set.
 inline int super_blocks(Isa isa) { return isa == Isa::avx512_vnni ? 4 : 2; }

@@ -256,6 +256,7 @@ QD_TARGET void rows_mb(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
 }  // namespace
 
 QD_TARGET void rows_avx512(const Problem& p, int64_t n0, int64_t n1, int64_t m0, int mb) {
+  if (mb >= 8) return rows_avx512_il(p, n0, n1, m0, mb);
   switch (mb) {
     case 1: return rows_mb<1>(p, n0, n1, m0);
     case 2: return rows_mb<2>(p, n0, n1, m0);

@@ -77,16 +77,19 @@ quant_matmul_dot.register_fake(_fake)
 
 # The largest M the integer kernel takes: past it the float path's blocked GEMM, which reuses
 # each dequantized weight tile across 128 rows of x, is as fast (fastlm/bench/quant_matmul.py).
-# Not for int4 on the 256-bit kernels, which take 8 rows of x at once: AMD EPYC Zen 3, 2 threads,
-# 4096 x 4096 g32, M = 64 / 512 / 2048: 8.8 / 70 / 318 ms against the float path's 19 / 112 / 418
-# (int8 there: 12.4 / 98 / 413 against 18 / 113 / 412, so int8 keeps the bound).
+# Not where the kernels take many rows of x at once: int4 on the 256-bit kernels (8 rows; AMD EPYC
+# Zen 3, 2 threads, 4096 x 4096 g32, M = 64 / 512 / 2048: 8.8 / 70 / 318 ms against the float
+# path's 19 / 112 / 418; int8 there: 12.4 / 98 / 413 against 18 / 113 / 412, so int8 keeps the
+# bound), and int4 and int8 on the 512-bit kernels (16 rows; AMD EPYC Zen 4, 2 threads, 4096 x
+# 4096, M = 128 / 512 / 2048: int4 g32 9.8 / 38 / 201 ms, int8 9.0 / 36 / 221, against the float
+# path's 34 / 109 / 439 and 33 / 104 / 501).
 DOT_MAX_M = 64
 
 
 def _dot_takes(m: int, bits: int) -> bool:
     if m <= DOT_MAX_M:
         return True
-    return bits == 4 and backends.quant_isa() != "avx512_vnni"
+    return bits == 4 or backends.quant_isa() == "avx512_vnni"
 
 
 def _setup_context(ctx, inputs, output):
