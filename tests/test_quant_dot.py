@@ -23,7 +23,7 @@ WEIGHTS = [(8, 96, None, True, torch.float32), (8, 512, None, True, torch.bfloat
 WEIGHTS += [(4, k, g, sym, torch.float32) for k in (96, 256, 384) for g in (32, 64, 128) if k % g == 0
             for sym in (True, False)]
 WEIGHTS += [(4, 256, 32, True, torch.bfloat16), (4, 256, 128, False, torch.float16)]
-MS = (1, 2, 3, 4, 5, 8, 12, 17, 25, 64)  # 17, 25, 64: groups of 16 (512-bit) and of 8
+MS = (1, 2, 3, 4, 5, 8, 12, 17, 25, 64)  # 512-bit: 12 a padded group of 16, 25 one of 16 and one of 8
 
 
 def isas() -> list[str]:
@@ -98,7 +98,7 @@ def test_matches_reference_where_float_path_is_exact(isa):
     assert ref.error(y, yf.double(), ref.quant_linear(q.abs(), quant.dequantize(qw, torch.float64).abs())) <= 4e-6
 
 
-@pytest.mark.parametrize("m", [3, 9, 17])  # 9, 17: x taken 8 (int4, 256-bit) or 16 (512-bit) rows at once
+@pytest.mark.parametrize("m", [3, 9, 13, 17])  # x taken 8 or 16 rows at once, 13 and 12: a padded group of 16
 def test_non_finite(isa, m):
     k = 128
     qw = make_weight(N, k, 4, 32, True)

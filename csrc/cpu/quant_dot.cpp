@@ -407,9 +407,13 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   // x 8 or 16 rows at once where it can: int4 on the 256-bit kernels, 8 at once (rows_int4_x8; AMD
   // EPYC Zen 3, one thread, 128 x 4096 g32 weights, M = 16: about 2x rows_int4_nb's 4 at once);
   // the 512-bit ones 16 at once, then 8 (quant_dot_avx512_il.cpp).
+  // With 10 or more rows past the last group of 16, they make a group of 16 with zero rows: the
+  // group costs about what 8 rows cost (Zen 4, 4096 x 4096, M = 12 / 15 / 16: 1.66-1.79 /
+  // 1.97-2.07 / 1.49-1.58 ms before).
   const bool wide = isa == Isa::avx512_vnni;
-  const int64_t m16 = wide ? m / 16 * 16 : 0;
-  const int64_t m8 = wide || bits == 4 ? m16 + (m - m16) / 8 * 8 : 0;
+  const int64_t r16 = m % 16;
+  const int64_t m16 = wide ? (r16 >= 10 ? m - r16 + 16 : m - r16) : 0;  // past m: the last group padded
+  const int64_t m8 = m16 >= m ? m16 : wide || bits == 4 ? m16 + (m - m16) / 8 * 8 : 0;
   // One float buffer: d (M, nb), corr (M, ncorr), d8 and s8 (m8, nb), then q (M, K) and q8
   // (m8, K) bytes. The rows taken 8 or 16 at once leave their places in d, corr and q unused.
   const int64_t floats = m * (nb + ncorr) + 2 * m8 * nb;
@@ -422,8 +426,13 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   // Serial: tens of microseconds at decode sizes (int4 now also brings prefill's M here, where
   // this pass is not yet measured); an OpenMP region here left its threads spinning
   // on the cores that the pool's helpers then needed (M = 8 measured 5x slower than M = 4).
+  if (m16 > m) {  // the padded group's rows of zeros
+    std::memset(a.q8 + (m16 - 16) * k, 0, 16 * k);
+    std::fill(a.d8 + (m16 - 16) * nb, a.d8 + m16 * nb, 0.f);
+    std::fill(a.s8 + (m16 - 16) * nb, a.s8 + m16 * nb, 0);
+  }
   const auto quantize_x = [&](const auto* xp) {
-    for (int64_t i = 0; i < m8; ++i) {
+    for (int64_t i = 0; i < std::min(m8, m); ++i) {
       const int64_t r = i < m16 ? i % 16 : (i - m16) % 8;
       quant_row_il(xp + i * k, k, static_cast<int>(bits), i < m16 ? 16 : 8, a, i, r);
     }

@@ -177,7 +177,7 @@ QD_TARGET void rows_il_nb(const Problem& p, int64_t n, int64_t m0, const uint8_t
     alignas(64) float out[R];
     v::store(out, BITS == 8 ? v::mul(acc[r], v::set1f(s[r * p.groups])) : acc[r]);
     const float bias = p.bias ? p.bias[n + r] : 0.f;
-    for (int m = 0; m < R; ++m) p.y[(m0 + m) * p.n + n + r] = out[m] + bias;
+    for (int m = 0; m < R && m0 + m < p.m; ++m) p.y[(m0 + m) * p.n + n + r] = out[m] + bias;  // past p.m: padding
   }
 }
 
