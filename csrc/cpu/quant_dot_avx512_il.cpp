@@ -91,8 +91,9 @@ QD_TARGET void widen(const void* src, int64_t i, int64_t count, ScaleType t, flo
   const uint16_t* h = static_cast<const uint16_t*>(src) + i;
   for (; g + 16 <= count; g += 16) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + g));
-    _mm512_storeu_ps(out + g, t == ScaleType::f16 ? _mm512_cvtph_ps(v)
-                                                  : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+    const __m512 f = t == ScaleType::f16 ? _mm512_cvtph_ps(v)
+                                         : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    _mm512_storeu_ps(out + g, f);
   }
   for (; g < count; ++g) out[g] = to_float(src, i + g, t);
 }
@@ -108,7 +109,8 @@ QD_TARGET void unpack_row(const Problem& p, int64_t n, int r, uint8_t* u, float*
     uint8_t* o = u + (b * NB + r) * 32;
     if constexpr (BITS == 8) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))));
+      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_xor_si256(v, flip));
     } else {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16)), l4 = _mm_set1_epi8(15);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_and_si128(v, l4));
