@@ -20,9 +20,6 @@
 #include "cpu/quant_dot.h"
 
 #define QD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif
 
 namespace fastlm::qdot {
 namespace {
@@ -98,21 +95,46 @@ QD_TARGET void widen(const void* src, int64_t i, int64_t count, ScaleType t, flo
   for (; g < count; ++g) out[g] = to_float(src, i + g, t);
 }
 
-// Row r of NB weight rows into the unsigned bytes of the header comment: block b of row r at
-// u + (b * NB + r) * 32 (int4: its 16 low nibbles, then its 16 high ones; int8: its 32 bytes), so
-// that one pointer walks the NB rows' blocks; its scales and zeros (if any) into float.
+// Where block b of row r of NB unpacked weight rows starts: blocks in runs of 4 per row (128
+// bytes), the NB rows' runs one after another, so that the kernel walks them with one pointer
+// and a 64-byte store writes two blocks.
+template <int NB>
+inline int64_t block_at(int64_t b, int r) {
+  return (((b >> 2) * NB + r) * 4 + (b & 3)) * 32;
+}
+
+// Row r of NB weight rows into the unsigned bytes of the header comment (int4: a block's 16 low
+// nibbles, then its 16 high ones; int8: its 32 bytes) at block_at; its scales and zeros (if any)
+// into float.
 template <int BITS, int NB>
 QD_TARGET void unpack_row(const Problem& p, int64_t n, int r, uint8_t* u, float* s, float* z) {
   const uint8_t* w = p.w + n * p.row_bytes;
   const int64_t nb = p.k / kBlock;
-  for (int64_t b = 0; b < nb; ++b) {
-    uint8_t* o = u + (b * NB + r) * 32;
-    if constexpr (BITS == 8) {
+  int64_t b = 0;
+  if constexpr (BITS == 8) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (; b + 2 <= nb; b += 2)  // blocks b, b + 1 (b even) are adjacent
+      _mm512_storeu_si512(u + block_at<NB>(b, r), _mm512_xor_si512(_mm512_loadu_si512(w + b * 32), flip));
+    if (b < nb) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_xor_si256(v, flip));
-    } else {
+      const __m256i f = _mm256_xor_si256(v, _mm512_castsi512_si256(flip));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + block_at<NB>(b, r)), f);
+    }
+  } else {
+    // Four blocks a load; each 128-bit lane j of lo and hi is block j's low and high nibbles.
+    const __m512i low = _mm512_set1_epi8(15);
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);  // blocks 0, 1: [lo | hi] each
+    const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (; b + 4 <= nb; b += 4) {
+      const __m512i v = _mm512_loadu_si512(w + b * 16);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      uint8_t* o = u + block_at<NB>(b, r);
+      _mm512_storeu_si512(o, _mm512_permutex2var_epi64(lo, first, hi));
+      _mm512_storeu_si512(o + 64, _mm512_permutex2var_epi64(lo, second, hi));
+    }
+    for (; b < nb; ++b) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16)), l4 = _mm_set1_epi8(15);
+      uint8_t* o = u + block_at<NB>(b, r);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_and_si128(v, l4));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_and_si128(_mm_srli_epi16(v, 4), l4));
     }
@@ -139,15 +161,17 @@ QD_TARGET void rows_il_nb(const Problem& p, int64_t n, int64_t m0, const uint8_t
   const int32_t* sg = p.a.s8 + m0 * nb;
   typename v::F acc[NB];
   for (int r = 0; r < NB; ++r) acc[r] = v::zerof();
-  for (int64_t b = 0; b < nb; ++b, xb += 32 * R, u += 32 * NB) {
+  for (int64_t b = 0; b < nb; ++b, xb += 32 * R) {
+    const uint8_t* ub = u + block_at<NB>(b, 0);
     const typename v::I sq = v::load(sg + b * R);
     const typename v::I off = BITS == 8 ? v::neg_shl(sq, 7) : Z ? v::zero() : v::neg_shl(sq, 3);
     // The NB rows after these, which the next unpack reads from memory: a line every 64 / (32 or
     // 16) blocks of each, so that the stream overlaps this loop (unpacking them waited on memory
-    // for as long as this loop ran, one thread, 4096 x 4096 int8, M = 16).
+    // for as long as this loop ran, one thread, 4096 x 4096 int8, M = 16). Into L1: into L2 was
+    // 4-11% slower (2 threads, M = 16).
     if ((b & (BITS == 8 ? 1 : 3)) == 0) {
       for (int r = 0; r < NB; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(p.w + (n + NB + r) * p.row_bytes + b * BITS * 4), PF_HINT);
+        _mm_prefetch(reinterpret_cast<const char*>(p.w + (n + NB + r) * p.row_bytes + b * BITS * 4), _MM_HINT_T0);
     }
     typename v::I e[NB], o[NB];  // the even and odd half-steps: two chains per row
     for (int r = 0; r < NB; ++r) {
@@ -157,7 +181,7 @@ QD_TARGET void rows_il_nb(const Problem& p, int64_t n, int64_t m0, const uint8_t
     for (int t = 0; t < 4; ++t) {
       const typename v::I xe = v::load(xb + t * 8 * R), xo = v::load(xb + t * 8 * R + 4 * R);
       for (int r = 0; r < NB; ++r) {
-        const uint8_t* we = u + r * 32 + (BITS == 8 ? t * 8 : t * 4);
+        const uint8_t* we = ub + r * 128 + (BITS == 8 ? t * 8 : t * 4);
         e[r] = v::dot(e[r], v::set1(word(we)), xe);
         o[r] = v::dot(o[r], v::set1(word(we + (BITS == 8 ? 4 : 16))), xo);
       }
@@ -188,7 +212,8 @@ QD_TARGET void rows_il(const Problem& p, int64_t n0, int64_t n1, int64_t m0) {
   constexpr int NB = 4;
   thread_local std::vector<uint8_t> bytes;
   thread_local std::vector<float> floats;
-  if (static_cast<int64_t>(bytes.size()) < NB * p.k) bytes.resize(NB * p.k);
+  const int64_t ubytes = NB * ((p.k / kBlock + 3) / 4) * 128;  // whole runs of 4 blocks (block_at)
+  if (static_cast<int64_t>(bytes.size()) < ubytes) bytes.resize(ubytes);
   if (static_cast<int64_t>(floats.size()) < 2 * NB * p.groups) floats.resize(2 * NB * p.groups);
   uint8_t* u = bytes.data();
   float* s = floats.data();
