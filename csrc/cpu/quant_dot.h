@@ -4,8 +4,10 @@
 //
 // Activations are quantized once per call to int8 in blocks of 32 along K (d = absmax / 127,
 // q = round(x / d)); weights stay packed; a block's products are summed in int32 and scaled once.
-// No ATen in this header: the kernel files include nothing but it and <immintrin.h>.
+// No ATen in this header: the kernel files include little but it and <immintrin.h>.
 #pragma once
+
+#include <immintrin.h>
 
 #include <cstdint>
 
@@ -40,6 +42,18 @@ struct Act {
 };
 
 enum class ScaleType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+// Scale (or zero) i of a tensor of type t, as float (bf16: the top half of a float32). Every kernel
+// file's target includes F16C, so this inlines into each.
+__attribute__((target("f16c"))) inline float to_float(const void* p, int64_t i, ScaleType t) {
+  if (t == ScaleType::f32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (t == ScaleType::f16) return _cvtsh_ss(h);
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
 
 struct Problem {
   Act a;

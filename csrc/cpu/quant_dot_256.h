@@ -31,16 +31,6 @@ QD_TARGET inline __m256i dot2(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
 #endif
 }
 
-QD_TARGET inline float to_float(const void* p, int64_t i, ScaleType t) {
-  if (t == ScaleType::f32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  if (t == ScaleType::f16) return _cvtsh_ss(h);
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
-
 // Eight scales (or zeros) from i on, widened to float.
 QD_TARGET inline __m256 load8(const void* p, int64_t i, ScaleType t) {
   if (t == ScaleType::f32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);

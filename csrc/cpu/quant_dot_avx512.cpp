@@ -15,16 +15,6 @@
 namespace fastlm::qdot {
 namespace {
 
-QD_TARGET inline float to_float(const void* p, int64_t i, ScaleType t) {
-  if (t == ScaleType::f32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  if (t == ScaleType::f16) return _cvtsh_ss(h);
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
-
 // C scales (or zeros) from i on, widened to float: one broadcast (C = 1) or 16 lanes.
 template <int C>
 QD_TARGET inline __m512 loadc(const void* p, int64_t i, ScaleType t) {

@@ -68,16 +68,6 @@ struct V<8> {
   QD_TARGET static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
 };
 
-QD_TARGET inline float to_float(const void* p, int64_t i, ScaleType t) {
-  if (t == ScaleType::f32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  if (t == ScaleType::f16) return _cvtsh_ss(h);
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
-
 // count scales (or zeros) from i on, widened to float.
 QD_TARGET void widen(const void* src, int64_t i, int64_t count, ScaleType t, float* out) {
   int64_t g = 0;
