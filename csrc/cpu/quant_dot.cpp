@@ -8,7 +8,7 @@
 // (__builtin_cpu_supports, which also checks that the OS saves the wider registers).
 // FASTLM_QUANT_ISA=avx2|avx_vnni|avx512_vnni, or torch.ops.fastlm_C.quant_dot_isa, forces one.
 //
-// Threads: rows of W in chunks of 64 KiB (up to 256 KiB for one row of x), claimed from a shared
+// Threads: rows of W in chunks of 64 KiB (up to 256 KiB for M <= 4), claimed from a shared
 // counter (parallel_chunks); for M > 1 a chunk's rows are walked once per 4 rows of x (per 16,
 // then 8, on the 512-bit kernels; per 8 for int4 on the 256-bit ones, while that many are left),
 // so the chunk's bytes come from memory once and from L2 after that, and each unpacked weight
@@ -457,12 +457,13 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
                   y.data_ptr<float>(),
                   m, n, k, group_size, groups, qweight.size(1), static_cast<int>(bits), scale_type(scales)};
   const int64_t row_bytes = qweight.size(1), total = n * row_bytes;
-  // With one row of x the weights only stream by: chunks of up to 256 KiB (a sixteenth of them, at
-  // least 64 KiB, so that small layers still split evenly) read faster than 64 KiB ones (AMD EPYC
-  // Zen 4, 2 threads, M = 1, int8 / int4 g32, 4096 x 4096: 72 / 73% of the read -> 80 / 78%,
-  // 14336 x 4096: 95 / 84% -> 102 / 86%). With more, a chunk is walked once per group of rows of x
-  // and must stay in L2.
-  const int64_t chunk_bytes = m == 1 ? std::clamp<int64_t>(total / 16, 1 << 16, 1 << 18) : 1 << 16;
+  // With up to 4 rows of x a chunk is walked once and the weights only stream by: chunks of up to
+  // 256 KiB (a sixteenth of them, at least 64 KiB, so that small layers still split evenly) read
+  // faster than 64 KiB ones (AMD EPYC Zen 4, 2 threads, M = 1, int8 / int4 g32, 4096 x 4096: 72 /
+  // 73% of the read -> 80 / 78%, 14336 x 4096: 95 / 84% -> 102 / 86%; M = 2..4, 4096 x 4096 and
+  // 4096 x 14336: 4-20% faster). With more, a chunk is walked once per group of rows of x and must
+  // stay in L2.
+  const int64_t chunk_bytes = m <= 4 ? std::clamp<int64_t>(total / 16, 1 << 16, 1 << 18) : 1 << 16;
   const int64_t rows = std::max<int64_t>(1, chunk_bytes / row_bytes);
   const int64_t chunks = (n + rows - 1) / rows;
   // Alone below ~512 KiB of weights (times rows of x, up to 4), where waking a thread costs more
