@@ -15,10 +15,11 @@ With act_quant=True the CPU backend quantizes the input too: to int8 per block o
 (d = absmax / 127, the rows of x separately) once per call, and multiplies in int32
 (torch.ops.fastlm.quant_matmul_dot; csrc/cpu/quant_dot.h). That adds the input's rounding,
 at most d / 2 per element (README, "Quantization", has the measured error), and is what makes
-the matmul memory-bound at small M. It runs for K a multiple of 32 and M <= 64, or any M for int4
-weights where the CPU runs the 256-bit kernels (AVX2, AVX-VNNI: they take x 8 rows at once and
-beat the float path at every M measured); larger M, and every other backend, take the float
-path, whose result does not depend on act_quant.
+the matmul memory-bound at small M. It runs for K a multiple of 32 and M <= 64, or any M where
+the kernels take many rows of x at once and beat the float path at every M measured: int4 on the
+256-bit kernels (AVX2, AVX-VNNI: 8 rows), int4 and int8 on the 512-bit ones (AVX-512 VNNI: 16);
+larger M otherwise, and every other backend, take the float path, whose result does not depend
+on act_quant.
 
 Scales (and zeros) may be bfloat16 or float16 (fastlm/quant.py): the integer CPU kernel reads
 them as stored; the float paths widen them to float32 first.
