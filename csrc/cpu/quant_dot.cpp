@@ -425,8 +425,8 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   const ActBuf a{bytes, base, base + m * nb, bytes + m * k, base + m * (nb + ncorr),
                  reinterpret_cast<int32_t*>(base + m * (nb + ncorr) + m8 * nb)};
   const int sb = super_blocks(isa);
-  // Serial: tens of microseconds at decode sizes (int4 now also brings prefill's M here, where
-  // this pass is not yet measured); an OpenMP region here left its threads spinning
+  // Serial: tens of microseconds at decode sizes (prefill's M now comes here too, where this pass
+  // is not yet measured on its own); an OpenMP region here left its threads spinning
   // on the cores that the pool's helpers then needed (M = 8 measured 5x slower than M = 4).
   if (m16 > m) {  // the padded group's rows of zeros
     std::memset(a.q8 + (m16 - 16) * k, 0, 16 * k);
