@@ -208,8 +208,7 @@ def test_decode_lone_query_head_dims(backend, device, d):
 def test_decode_long_cache_few_heads(backend, device, hq, tn, d):
     # One sequence and one key/value head against 700 cached keys: the CPU splits the cache into
     # slices and merges their partial softmaxes. The slices of the small heads run on the calling
-    # thread; those of 8 queries x 128 dims pass the CPU's inline threshold (2^19 multiply-adds)
-    # and run in a parallel region.
+    # thread; those of 8 queries x 128 dims pass the CPU's inline threshold and run on its pool.
     tmax = 700 if not INTERPRET else 80
     d = d if not INTERPRET else 16
     seqlens = torch.tensor([tmax - 3], dtype=torch.int64)

@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/pool.h"
 #include "cpu/vec.h"
 #include "fastlm.h"
 
@@ -42,11 +43,12 @@ namespace {
 
 constexpr int64_t kBQ = 64;  // queries per block: the n of every product
 constexpr int64_t kBK = 64;  // keys per block
-// Decode work (q . k multiply-adds) below which a parallel_for task stays on the calling thread.
-// An OpenMP region here leaves its workers spinning into the next matmuls, whose own pool then
-// shares a core with them: batch-8 decode of a 0.65 B int4 model at 16-49 cached tokens on 2
-// Zen 3 cores, 1 << 17 -> 1 << 19 (inline there), took 48.4 / 50.5 -> 80.2 / 66.6 tok/s.
+// Decode work (q . k multiply-adds) below which a task of decode attention stays on the calling
+// thread; it runs on fastlm's pool (cpu/pool.h), not OpenMP, whose workers spin on into the next
+// matmuls. Waking a sleeping helper costs the caller tens of microseconds on a VM, about this
+// much work; an awake one (the fused decode block keeps it so between its matmuls) costs nothing.
 constexpr int64_t kInlineWork = 1 << 19;
+constexpr int64_t kInlineWorkAwake = 1 << 15;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -503,12 +505,11 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, int6
                  int64_t S, int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t Tmax, int64_t D, double scale) {
   const int64_t G = Hq / Hk, nq = G * Tn, W = D + 2;
   const float qmul = static_cast<float>(scale) * kLog2e;
-  // A short cache is a few microseconds of work per task: run such tasks on this thread. Waking
-  // a worker costs more than that, and on a small machine the worker's core may be held by
-  // another pool's spinning thread (the quantized matmuls') for a scheduler slice.
+  // A short cache is a few microseconds of work per task: run such tasks on this thread.
   const int64_t task_work = nq * ((longest + S - 1) / S) * D;  // multiply-adds of q . k per task
-  const int64_t grain = std::max<int64_t>(1, kInlineWork / std::max<int64_t>(1, task_work));
-  at::parallel_for(0, B * Hk * S, grain, [&](int64_t begin, int64_t end) {
+  const int64_t inline_work = pool::helpers_awake() ? kInlineWorkAwake : kInlineWork;
+  const int64_t grain = std::max<int64_t>(1, inline_work / std::max<int64_t>(1, task_work));
+  pool::parallel_for(B * Hk * S, grain, [&](int64_t begin, int64_t end) {
     FwdScratch sc(D);
     std::vector<float> qt(D * kBQ), ot(D * kBQ), lim(kBQ), m(kBQ), l(kBQ);
     std::vector<const T*> rows(kBQ);
@@ -573,7 +574,7 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, int6
     }
   });
   if (S == 1) return;
-  at::parallel_for(0, B * Hk * nq, 16, [&](int64_t begin, int64_t end) {
+  pool::parallel_for(B * Hk * nq, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(D);
     for (int64_t x = begin; x < end; ++x) {
       const int64_t bk = x / nq, b = bk / Hk, hk = bk % Hk, g = (x % nq) / Tn, tn = x % Tn;

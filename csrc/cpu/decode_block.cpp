@@ -6,13 +6,19 @@
 // modules' to the bit. What it removes is the Python between them: at decode every kernel takes
 // tens of microseconds and the layer's ~40 tensor ops and module calls around them took as long
 // again (a 24-layer 0.65 B model on a 2-core AMD EPYC: ~18 of ~41 ms a token with the matmuls
-// stubbed out). In one C++ call the gaps between matmuls also shrink, most of them below the
-// 50 us for which the integer-dot pool's helper spins before it sleeps.
+// stubbed out).
+//
+// Between the matmuls the block tells fastlm's pool (cpu/pool.h) which weights come next: its
+// helpers stay awake instead of sleeping through rotary and attention (waking one cost the next
+// matmul ~35 us on an Intel Xeon VM), read the ends of the next weights into their caches while
+// this thread works alone, and take decode attention's parallel tasks. The block ends with such a
+// hint too, for the next block's first matmul.
 #include <ATen/ATen.h>
 
 #include <cstring>
 
 #include "checks.h"
+#include "cpu/pool.h"
 #include "fastlm.h"
 
 namespace fastlm {
@@ -25,6 +31,17 @@ struct Linears {
   at::TensorList q, s;
   const c10::List<std::optional<at::Tensor>>& z;
   at::IntArrayRef bits, group;
+
+  // The pool's helpers stay awake for the linears `next` and read ahead their weights.
+  void prepare(std::initializer_list<int> next) const {
+    pool::Range r[pool::kMaxRanges];
+    int n = 0;
+    for (int i : next) {
+      r[n++] = {q[i].data_ptr(), static_cast<int64_t>(q[i].nbytes())};
+      r[n++] = {s[i].data_ptr(), static_cast<int64_t>(s[i].nbytes())};
+    }
+    pool::prepare(r, n);
+  }
 
   at::Tensor operator()(int i, const at::Tensor& x) const {
     const std::optional<at::Tensor> zi = z.get(i);
@@ -78,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
                 "; every sequence must hold `position` tokens");
   }
   const Linears linear{qweights, scales, zeros, bits, group_sizes};
+  linear.prepare({0});
 
   // h = x + residual; y = rms_norm(h)
   const at::Tensor x2 = x.view({B, C});
@@ -87,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
 
   // Attention: q, k, v of the new token, rotated to `position`, k and v into the cache.
   const at::Tensor qkv = linear(0, y);
+  linear.prepare({1});
   const auto heads = [&](int64_t first, int64_t count) {
     return qkv.narrow(1, first * D, count * D).view({B, 1, count, D}).transpose(1, 2);
   };
@@ -108,11 +127,16 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
   }
   const at::Tensor att = decode_attention_cpu(q, k_cache, v_cache, cache_seqlens, scale);
   const at::Tensor o = linear(1, att.transpose(1, 2).reshape({B, C}));
+  linear.prepare({2});
 
   // h = h + attn; y = rms_norm(h); mlp = down(silu(gate(y)) * up(y))
   auto [y2, h2, unused_mean2, unused_rstd2] = norm_fwd_cpu(o, norm2, std::nullopt, h, eps, /*rms=*/true);
-  const at::Tensor a = silu_mul_fwd_cpu(linear(2, y2), linear(3, y2));
-  return {linear(4, a).view({B, 1, C}), h2.view({B, 1, C})};
+  const at::Tensor gate = linear(2, y2), up = linear(3, y2);
+  linear.prepare({4});
+  const at::Tensor a = silu_mul_fwd_cpu(gate, up);
+  at::Tensor out = linear(4, a).view({B, 1, C});
+  linear.prepare({});  // the next block's first matmul
+  return {out, h2.view({B, 1, C})};
 }
 
 }  // namespace fastlm

@@ -9,144 +9,26 @@
 // FASTLM_QUANT_ISA=avx2|avx_vnni|avx512_vnni, or torch.ops.fastlm_C.quant_dot_isa, forces one.
 //
 // Threads: rows of W in chunks of 64 KiB (up to 256 KiB for M <= 4), claimed from a shared
-// counter (parallel_chunks); for M > 1 a chunk's rows are walked once per 4 rows of x (per 16,
-// then 8, on the 512-bit kernels; per 8 for int4 on the 256-bit ones, while that many are left),
-// so the chunk's bytes come from memory once and from L2 after that, and each unpacked weight
-// serves that many rows.
+// counter (cpu/pool.h); for M > 1 a chunk's rows are walked once per 4 rows of x (per 16, then 8,
+// on the 512-bit kernels; per 8 for int4 on the 256-bit ones, while that many are left), so the
+// chunk's bytes come from memory once and from L2 after that, and each unpacked weight serves
+// that many rows.
 #include <ATen/Parallel.h>
-#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
-#include <vector>
 
+#include "cpu/pool.h"
 #include "cpu/quant_dot.h"
 #include "cpu/vec.h"
 #include "fastlm.h"
 
 namespace fastlm {
 namespace qdot {
-
-// --- the pool -----------------------------------------------------------------------------------
-
-namespace {
-
-// How long an idle helper spins for the next call before it sleeps.
-constexpr int kSpinMicros = 50;
-
-struct Job {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t chunks = 0;
-  int helpers = 0;
-  void (*fn)(void*, int64_t) = nullptr;
-  void* ctx = nullptr;
-};
-
-// Claims chunks until none is left. fn and ctx point into the caller's frame, which outlives
-// every claimed chunk: the caller returns only when `done` has counted them all.
-void work(Job& j) {
-  for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.chunks;) {
-    j.fn(j.ctx, c);
-    j.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-class Pool {
- public:
-  void run(int64_t chunks, int helpers, void (*fn)(void*, int64_t), void* ctx) {
-    auto job = std::make_shared<Job>();
-    job->chunks = chunks;
-    job->helpers = helpers;
-    job->fn = fn;
-    job->ctx = ctx;
-    grow(helpers);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_ = job;
-      gen_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-    work(*job);
-    // Wait only for chunks that were claimed: a helper still asleep holds none.
-    for (int spin = 0; job->done.load(std::memory_order_acquire) < chunks; ++spin) {
-      if (spin < 4096) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  void grow(int helpers) {
-    std::lock_guard<std::mutex> lock(mu_);
-    while (static_cast<int>(started_) < helpers) {
-      const int index = started_++;
-      // Detached: the pool lives as long as the process (a fork's child builds a new one).
-      std::thread([this, index] { loop(index); }).detach();
-    }
-  }
-
-  void loop(int index) {
-    uint64_t seen = gen_.load(std::memory_order_acquire);
-    for (;;) {
-      // Spin a little before sleeping: a decode step calls again within microseconds. Bounded by
-      // time, not by a count of pauses (a pause is 10 to 140 cycles depending on the CPU): a
-      // longer spin holds a core that the next op's own threads (OpenMP's) need, and on a
-      // 2-core machine that costs them a scheduler slice.
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
-      for (int spin = 0; gen_.load(std::memory_order_acquire) == seen; ++spin) {
-        _mm_pause();
-        if (spin % 64 == 63 && std::chrono::steady_clock::now() > until) break;
-      }
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
-        seen = gen_.load(std::memory_order_acquire);
-        job = job_;
-      }
-      if (job && index < job->helpers) work(*job);
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::shared_ptr<Job> job_;
-  int started_ = 0;
-};
-
-std::atomic<Pool*> g_pool{nullptr};
-
-Pool& pool() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    g_pool.store(new Pool());
-    // The child of a fork has none of the parent's threads: it starts an empty pool.
-    pthread_atfork(nullptr, nullptr, [] { g_pool.store(new Pool()); });
-  });
-  return *g_pool.load();
-}
-
-}  // namespace
-
-void parallel_chunks(int64_t chunks, int helpers, void (*fn)(void*, int64_t), void* ctx) {
-  if (helpers <= 0 || chunks <= 1) {
-    for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
-    return;
-  }
-  pool().run(chunks, helpers, fn, ctx);
-}
 
 // --- the instruction set ------------------------------------------------------------------------
 
@@ -468,9 +350,9 @@ at::Tensor quant_matmul_dot_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   const int64_t chunks = (n + rows - 1) / rows;
   // Alone below ~512 KiB of weights (times rows of x, up to 4), where waking a thread costs more
   // than it saves.
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, total * std::min<int64_t>(m, 4) / (1 << 18) - 1);
+  const int64_t helpers = std::min<int64_t>(pool::helpers_for(chunks), total * std::min<int64_t>(m, 4) / (1 << 18) - 1);
   Ctx cx{&p, rows_fn(isa), rows, m16, m8};
-  parallel_chunks(chunks, static_cast<int>(std::max<int64_t>(0, helpers)), run_chunk, &cx);
+  pool::parallel_chunks(chunks, static_cast<int>(std::max<int64_t>(0, helpers)), run_chunk, &cx);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

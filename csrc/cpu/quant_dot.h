@@ -99,14 +99,3 @@ inline void walk_rows(int64_t n0, int64_t n1, One one, Many many) {
 }
 
 }  // namespace fastlm::qdot
-
-namespace fastlm::qdot {
-
-// fn(ctx, c) for every c in [0, chunks), claimed from a shared counter by the calling thread and
-// up to `helpers` threads of a small pool of its own; returns once every chunk is done. A helper
-// that wakes after the last chunk was claimed finds nothing and returns, and nobody waits for it:
-// a thread the scheduler has not run yet costs the call nothing (an OpenMP region would wait at
-// its closing barrier for every thread of the team, whole scheduler quanta on a busy machine).
-void parallel_chunks(int64_t chunks, int helpers, void (*fn)(void*, int64_t), void* ctx);
-
-}  // namespace fastlm::qdot

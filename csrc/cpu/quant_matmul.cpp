@@ -42,7 +42,7 @@
 #include <atomic>
 #include <vector>
 
-#include "cpu/quant_dot.h"
+#include "cpu/pool.h"
 #include "cpu/vec.h"
 #include "fastlm.h"
 
@@ -184,7 +184,7 @@ void gemv_row(const Problem& p, int64_t n) {
 // Rows are handed out in chunks of about 64 KiB from a shared counter rather than split evenly in
 // advance: a thread that wakes late (a millisecond is not rare on a busy VM, against a 1 ms call)
 // then takes fewer chunks instead of finishing last with a full share, and one that has not woken
-// by the time the last chunk is claimed is not waited for (qdot::parallel_chunks).
+// by the time the last chunk is claimed is not waited for (cpu/pool.h).
 struct GemvCtx {
   const Problem* p;
   int64_t rows;
@@ -202,9 +202,9 @@ void gemv_bpg(const Problem& p) {
   const int64_t rows = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, p.row_bytes));
   const int64_t chunks = (p.n + rows - 1) / rows;
   // Alone below ~256 KiB of weights, where waking a thread costs more than it saves.
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, chunks / 4)) - 1;
+  const int64_t helpers = std::min<int64_t>(pool::helpers_for(chunks), std::max<int64_t>(1, chunks / 4) - 1);
   GemvCtx cx{&p, rows};
-  qdot::parallel_chunks(chunks, static_cast<int>(helpers), gemv_chunk<BITS, MB, U, BPG>, &cx);
+  pool::parallel_chunks(chunks, static_cast<int>(helpers), gemv_chunk<BITS, MB, U, BPG>, &cx);
 }
 
 template <int BITS, int MB, int U>

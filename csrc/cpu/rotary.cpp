@@ -35,7 +35,7 @@ using vec::kW;
 constexpr int64_t kTB = 16;  // positions per task
 // Channels a parallel task should rotate at least: a decode step's task (one position of every
 // head, ~2K channels) is a microsecond of work, less than waking an OpenMP worker, whose core may
-// be held by the integer-dot pool's spinning helper besides.
+// be held by the spinning helper of fastlm's pool (cpu/pool.h) besides.
 constexpr int64_t kTaskChannels = 1 << 15;
 
 // One head's rows: element (b, h, t, :) at src + b * sb + h * sh + t * st.
