@@ -198,7 +198,7 @@ inline void mask_scores(const QueryTile& t, int64_t kb, int64_t nk, float* st) {
 // Per-thread buffers of the forward pass.
 struct FwdScratch {
   std::vector<float> st, kbuf, vbuf;
-  FwdScratch(int64_t d) : st(kBK * kBQ), kbuf(kBK * d), vbuf(kBK * d) {}
+  FwdScratch(int64_t d) : st(kBK * kBQ), kbuf(kBK * d), vbuf(kBK * d) {}  // d = 0: st only (decoding)
 };
 
 // Online softmax over keys [k0, k1) for one query tile: updates the running max m (log2 units),
@@ -412,34 +412,55 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// o[0, 8 NV) = o * alpha + sum over j < nk of p[j] * v[j, 0, 8 NV) (row stride d), with o in
-// registers for the whole pass: accumulating through memory instead chains every key's FMA
-// behind the previous key's store.
-template <int NV, typename T>
-inline void accumulate_v(const float* p, const T* v, int64_t d, int64_t nk, float alpha, float* o) {
-  __m256 acc[NV];
-  const __m256 a = _mm256_set1_ps(alpha);
-  for (int i = 0; i < NV; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o + i * vec::kW), a);
-  for (int64_t j = 0; j < nk; ++j) {
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(pj, vec::load(v + j * d + i * vec::kW), acc[i]);
+// Sums of n <= 16 vectors, one per entry of out.
+inline void hsums(const __m256* a, int n, float* out) {
+  for (int i = 0; i < n; i += 8) {
+    __m256 v[8];
+    for (int r = 0; r < 8; ++r) v[r] = i + r < n ? a[i + r] : _mm256_setzero_ps();
+    alignas(32) float s[8];
+    _mm256_store_ps(s, hsum8(v));
+    for (int r = 0; r < 8 && i + r < n; ++r) out[i + r] = s[r];
   }
-  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + i * vec::kW, acc[i]);
 }
 
-// One query against keys [k0, k1), all visible: the decoding path for a lone query (a head
-// without a group, one new token). The tile path would pad that query to a vector of 8 and do 8
-// times the arithmetic; here vectors run along D instead, eight keys at a time, each key's
-// vector accumulator reduced together with the other seven's. qs holds q * scale * log2(e).
-template <typename T>
-void attend_row(const float* qs, const T* k, const T* v, int64_t d, int64_t k0, int64_t k1, float* sbuf, float* o,
-                float& m, float& l) {
+// For each of G queries g: o_g[0, 8 NV) = o_g * alpha_g + sum over j < nk of p_g[j] * v[j, 0, 8 NV)
+// (o_g at o + g * d, p_g at p + g * kBK, v's row stride d), with the outputs in registers for the
+// whole pass (accumulating through memory instead chains every key's FMA behind the previous
+// key's store) and each load of v serving the G queries.
+template <int G, int NV, typename T>
+inline void accumulate_v(const float* p, const T* v, int64_t d, int64_t nk, const float* alpha, float* o) {
+  __m256 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NV; ++i) acc[g][i] = _mm256_mul_ps(_mm256_loadu_ps(o + g * d + i * vec::kW), _mm256_set1_ps(alpha[g]));
+  for (int64_t j = 0; j < nk; ++j) {
+    __m256 vj[NV];
+    for (int i = 0; i < NV; ++i) vj[i] = vec::load(v + j * d + i * vec::kW);
+    for (int g = 0; g < G; ++g) {
+      const __m256 pj = _mm256_set1_ps(p[g * kBK + j]);
+      for (int i = 0; i < NV; ++i) acc[g][i] = _mm256_fmadd_ps(pj, vj[i], acc[g][i]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + g * d + i * vec::kW, acc[g][i]);
+}
+
+// G queries that share their keys (a group of grouped-query attention, or G = 1: a head of its
+// own), one new token each, against keys [k0, k1), all visible: the decoding path. The tile path
+// would pad the G queries to a vector of 8 and do 8 / G times the arithmetic; here vectors run
+// along D instead, KR keys at a time, one vector accumulator per (query, key) pair, reduced
+// together, so that each load of a key serves the G queries. qs: G rows of d floats, q * scale *
+// log2(e); o: G rows of d, unnormalised; m, l: the running max and sum of each; sbuf: G x kBK.
+template <int G, typename T>
+void attend_group(const float* qs, const T* k, const T* v, int64_t d, int64_t k0, int64_t k1, float* sbuf, float* o,
+                  float* m, float* l) {
+  // Keys at a time: G q vectors, a key's and G x KR accumulators within AVX2's 16 registers.
+  constexpr int KR = G == 1 ? 8 : G == 2 ? 6 : G == 3 ? 4 : 2;
   const int64_t dv = d / vec::kW * vec::kW;
   for (int64_t kb = k0; kb < k1; kb += kBK) {
     const int64_t nk = std::min(kBK, k1 - kb);
     const T* kbase = k + kb * d;
-    for (int64_t j = 0; j < nk; j += vec::kW) {
-      const int64_t nj = std::min<int64_t>(vec::kW, nk - j);
+    for (int64_t j = 0; j < nk; j += KR) {
+      const int64_t nj = std::min<int64_t>(KR, nk - j);
       // Streamed once from memory: ask for rows well ahead of use. (A prefetch past the end of
       // the cache is harmless: it never faults.)
       for (int64_t r = 0; r < nj; ++r) {
@@ -451,49 +472,74 @@ void attend_row(const float* qs, const T* k, const T* v, int64_t d, int64_t k0, 
           _mm_prefetch(reinterpret_cast<const char*>(va + c), _MM_HINT_T0);
         }
       }
-      __m256 acc[vec::kW];
-      for (int r = 0; r < vec::kW; ++r) acc[r] = _mm256_setzero_ps();
+      __m256 acc[G * KR];
+      for (int i = 0; i < G * KR; ++i) acc[i] = _mm256_setzero_ps();
       // Keys past nk repeat key j: their scores are computed and dropped.
-      const T* kr[vec::kW];
-      for (int r = 0; r < vec::kW; ++r) kr[r] = kbase + (j + (r < nj ? r : 0)) * d;
+      const T* kr[KR];
+      for (int r = 0; r < KR; ++r) kr[r] = kbase + (j + (r < nj ? r : 0)) * d;
       for (int64_t c = 0; c < dv; c += vec::kW) {
-        const __m256 qv = _mm256_loadu_ps(qs + c);
-        for (int r = 0; r < vec::kW; ++r) acc[r] = _mm256_fmadd_ps(qv, vec::load(kr[r] + c), acc[r]);
+        __m256 qv[G];
+        for (int g = 0; g < G; ++g) qv[g] = _mm256_loadu_ps(qs + g * d + c);
+        for (int r = 0; r < KR; ++r) {
+          const __m256 kv = vec::load(kr[r] + c);
+          for (int g = 0; g < G; ++g) acc[g * KR + r] = _mm256_fmadd_ps(qv[g], kv, acc[g * KR + r]);
+        }
       }
-      alignas(32) float sc[vec::kW];
-      _mm256_store_ps(sc, hsum8(acc));
-      for (int64_t r = 0; r < nj; ++r) {
-        float sj = sc[r];
-        for (int64_t c = dv; c < d; ++c) sj += qs[c] * to_f(kr[r][c]);
-        sbuf[j + r] = sj;
+      float sc[G * KR];
+      hsums(acc, G * KR, sc);
+      for (int g = 0; g < G; ++g) {
+        for (int64_t r = 0; r < nj; ++r) {
+          float sj = sc[g * KR + r];
+          for (int64_t c = dv; c < d; ++c) sj += qs[g * d + c] * to_f(kr[r][c]);
+          sbuf[g * kBK + j + r] = sj;
+        }
       }
     }
-    float mx = m;
-    for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, sbuf[j]);
     const int64_t nkp = round8(nk);
-    for (int64_t j = nk; j < nkp; ++j) sbuf[j] = -kInf;
-    const float ref = mx == -kInf ? 0.f : mx;
-    const float alpha = std::exp2(m - ref);
-    __m256 sum = _mm256_setzero_ps();
-    const __m256 vref = _mm256_set1_ps(ref);
-    for (int64_t j = 0; j < nkp; j += 8) {
-      const __m256 p = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(sbuf + j), vref));
-      _mm256_storeu_ps(sbuf + j, p);
-      sum = _mm256_add_ps(sum, p);
+    float alpha[G];
+    for (int g = 0; g < G; ++g) {
+      float* sg = sbuf + g * kBK;
+      float mx = m[g];
+      for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, sg[j]);
+      for (int64_t j = nk; j < nkp; ++j) sg[j] = -kInf;
+      const float ref = mx == -kInf ? 0.f : mx;
+      alpha[g] = std::exp2(m[g] - ref);
+      __m256 sum = _mm256_setzero_ps();
+      const __m256 vref = _mm256_set1_ps(ref);
+      for (int64_t j = 0; j < nkp; j += 8) {
+        const __m256 pj = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(sg + j), vref));
+        _mm256_storeu_ps(sg + j, pj);
+        sum = _mm256_add_ps(sum, pj);
+      }
+      m[g] = mx;
+      l[g] = l[g] * alpha[g] + vec::hsum(sum);
     }
-    m = mx;
-    l = l * alpha + vec::hsum(sum);
     const T* vb = v + kb * d;
+    // As many vectors of D at once as keep G x NV accumulators within 12 (8 for one query).
+    constexpr int NV = G == 1 ? 8 : G == 2 ? 4 : G == 3 ? 4 : 2;
     int64_t c = 0;
-    for (; c + 8 * vec::kW <= dv; c += 8 * vec::kW) accumulate_v<8>(sbuf, vb + c, d, nk, alpha, o + c);
-    if (c + 4 * vec::kW <= dv) accumulate_v<4>(sbuf, vb + c, d, nk, alpha, o + c), c += 4 * vec::kW;
-    if (c + 2 * vec::kW <= dv) accumulate_v<2>(sbuf, vb + c, d, nk, alpha, o + c), c += 2 * vec::kW;
-    if (c + vec::kW <= dv) accumulate_v<1>(sbuf, vb + c, d, nk, alpha, o + c), c += vec::kW;
+    for (; c + NV * vec::kW <= dv; c += NV * vec::kW) accumulate_v<G, NV>(sbuf, vb + c, d, nk, alpha, o + c);
+    for (; c + vec::kW <= dv; c += vec::kW) accumulate_v<G, 1>(sbuf, vb + c, d, nk, alpha, o + c);
     for (; c < d; ++c) {
-      float acc = o[c] * alpha;
-      for (int64_t j = 0; j < nk; ++j) acc += sbuf[j] * to_f(vb[j * d + c]);
-      o[c] = acc;
+      for (int g = 0; g < G; ++g) {
+        float acc = o[g * d + c] * alpha[g];
+        for (int64_t j = 0; j < nk; ++j) acc += sbuf[g * kBK + j] * to_f(vb[j * d + c]);
+        o[g * d + c] = acc;
+      }
     }
+  }
+}
+
+// attend_group for any g <= kMaxGroup queries.
+constexpr int64_t kMaxGroup = 4;
+template <typename T>
+void attend_queries(int64_t g, const float* qs, const T* k, const T* v, int64_t d, int64_t k0, int64_t k1,
+                    float* sbuf, float* o, float* m, float* l) {
+  switch (g) {
+    case 1: return attend_group<1>(qs, k, v, d, k0, k1, sbuf, o, m, l);
+    case 2: return attend_group<2>(qs, k, v, d, k0, k1, sbuf, o, m, l);
+    case 3: return attend_group<3>(qs, k, v, d, k0, k1, sbuf, o, m, l);
+    default: return attend_group<4>(qs, k, v, d, k0, k1, sbuf, o, m, l);
   }
 }
 
@@ -510,30 +556,41 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, int6
   const int64_t inline_work = pool::helpers_awake() ? kInlineWorkAwake : kInlineWork;
   const int64_t grain = std::max<int64_t>(1, inline_work / std::max<int64_t>(1, task_work));
   pool::parallel_for(B * Hk * S, grain, [&](int64_t begin, int64_t end) {
-    FwdScratch sc(D);
-    std::vector<float> qt(D * kBQ), ot(D * kBQ), lim(kBQ), m(kBQ), l(kBQ);
-    std::vector<const T*> rows(kBQ);
+    // One new token needs a few KiB; the tile path its blocks (zeroing those every call showed at
+    // decode sizes).
+    const int64_t nqs = Tn == 1 ? kMaxGroup : kBQ;
+    FwdScratch sc(Tn == 1 ? 0 : D);
+    std::vector<float> qt(D * nqs), ot(D * nqs), lim(nqs), m(nqs), l(nqs);
+    std::vector<const T*> rows(nqs);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bk = task / S, s = task % S, b = bk / Hk, hk = bk % Hk;
       const int64_t len = lens[b];
       const int64_t chunk = ((len + S - 1) / S + kBK - 1) / kBK * kBK;
       const int64_t k0 = std::min(len, s * chunk), k1 = std::min(len, k0 + chunk);
-      if (nq == 1) {
-        const T* qr = q + (b * Hq + hk) * Tn * D;
-        for (int64_t c = 0; c < D; ++c) qt[c] = to_f(qr[c]) * qmul;
-        float mm = -kInf, ll = 0.f;
-        std::fill(ot.begin(), ot.begin() + D, 0.f);
-        attend_row(qt.data(), kc + bk * Tmax * D, vc + bk * Tmax * D, D, k0, k1, sc.st.data(), ot.data(), mm, ll);
-        if (S == 1) {  // the whole cache in one task: normalise here, nothing to merge
-          T* o = out + (b * Hq + hk) * Tn * D;
-          const float inv = ll > 0.f ? 1.f / ll : 0.f;
-          for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(ot[c] * inv);
-          continue;
+      if (Tn == 1) {  // one new token: the group's queries by attend_group, up to kMaxGroup at once
+        for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup) {
+          const int64_t gs = std::min(kMaxGroup, G - g0);
+          const T* qr = q + (b * Hq + hk * G + g0) * D;
+          for (int64_t c = 0; c < gs * D; ++c) qt[c] = to_f(qr[c]) * qmul;
+          std::fill(m.begin(), m.begin() + gs, -kInf);
+          std::fill(l.begin(), l.begin() + gs, 0.f);
+          std::fill(ot.begin(), ot.begin() + gs * D, 0.f);
+          attend_queries(gs, qt.data(), kc + bk * Tmax * D, vc + bk * Tmax * D, D, k0, k1, sc.st.data(), ot.data(),
+                         m.data(), l.data());
+          for (int64_t i = 0; i < gs; ++i) {
+            const float* oi = ot.data() + i * D;
+            if (S == 1) {  // the whole cache in one task: normalise here, nothing to merge
+              T* o = out + (b * Hq + hk * G + g0 + i) * D;
+              const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+              for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(oi[c] * inv);
+              continue;
+            }
+            float* p = part + ((bk * nq + g0 + i) * S + s) * W;
+            p[0] = m[i];
+            p[1] = l[i];
+            std::copy(oi, oi + D, p + 2);
+          }
         }
-        float* p = part + (bk * S + s) * W;
-        p[0] = mm;
-        p[1] = ll;
-        std::copy(ot.begin(), ot.begin() + D, p + 2);
         continue;
       }
       for (int64_t c0 = 0; c0 < nq; c0 += kBQ) {
