@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
   const auto heads = [&](int64_t first, int64_t count) {
     return qkv.narrow(1, first * D, count * D).view({B, 1, count, D}).transpose(1, 2);
   };
-  const at::Tensor positions = at::full({B, 1}, position, x.options().dtype(at::kLong));
+  const at::Tensor positions = at::full({1, 1}, position, x.options().dtype(at::kLong));  // one angle table for the batch
   auto [q, k] = rotary_pos_fwd_cpu(heads(0, Hq), heads(Hq, Hk), positions, theta, D, false, false);
   // Plain copies of B x Hk rows of D floats: ATen's copy_ costs ~10 us a call at this size.
   const int64_t tmax = k_cache.size(2), n = qkv.size(1);
