@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import statistics
-import time
 
 import torch
 
@@ -193,9 +191,8 @@ DECODE_COMPETITORS = {
 }
 
 
-def _decode_model(quick: bool, args: dict | None) -> Transformer:
+def _decode_model(cfg: dict, args: dict | None) -> Transformer:
     torch.manual_seed(0)
-    cfg = dict(DECODE_CONFIG, n_layer=2) if quick else DECODE_CONFIG
     model = Transformer(TransformerConfig(**cfg)).eval()
     if args is not None:
         fastlm.quantize_(model, **args)
@@ -214,56 +211,60 @@ def _read_bytes_per_token(model: Transformer, ctx: int) -> int:
 
 
 @torch.no_grad()
-def _decode_tokens_per_s(model, backend, batch, prompt, new, reps) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt))
-    gen = functools.partial(model.generate, ids, temperature=0.0, backend=backend)
-    gen(max_new_tokens=2)  # warm-up
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        gen(max_new_tokens=1)
-        t1 = time.perf_counter()
-        gen(max_new_tokens=1 + new)
-        t2 = time.perf_counter()
-        rates.append(batch * new / ((t2 - t1) - (t1 - t0)))
-    return statistics.median(rates)
+def _decode_tokens_per_s(models: dict, batch: int, prompt: int, new: int, reps: int) -> dict[str, float]:
+    """Decode tokens/s of each (model, backend) in models: a generate of 1 + new tokens after a
+    prompt, less one of 1 token (the prefill and the first token), both timed in turns with every
+    other competitor's, so that a slow stretch of the machine hits them alike."""
+    fns = {}
+    for name, (model, backend) in models.items():
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt))
+        gen = functools.partial(model.generate, ids, temperature=0.0, backend=backend)
+        fns[f"{name} +1"] = functools.partial(gen, max_new_tokens=1)
+        fns[f"{name} +{1 + new}"] = functools.partial(gen, max_new_tokens=1 + new)
+    ms = harness.interleaved_ms(fns, torch.device("cpu"), warmup=1, reps=reps)
+    return {name: batch * new / ((ms[f"{name} +{1 + new}"] - ms[f"{name} +1"]) * 1e-3) for name in models}
 
 
 @torch.no_grad()
-def _prefill_tokens_per_s(model, backend, tokens, reps) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
-    ts = []
-    for _ in range(reps + 1):
-        caches = model.new_caches(1, tokens)
-        t = time.perf_counter()
-        model(ids, caches=caches, backend=backend)
-        ts.append(time.perf_counter() - t)
-    return tokens / statistics.median(ts[1:])
+def _prefill_tokens_per_s(models: dict, tokens: int, reps: int) -> dict[str, float]:
+    """Tokens/s of a forward of a `tokens`-token prompt into an empty cache, in turns."""
+    def prefill(model, backend, ids):
+        model(ids, caches=model.new_caches(1, tokens), backend=backend)
+
+    fns = {name: functools.partial(prefill, model, backend, torch.randint(0, model.config.vocab_size, (1, tokens)))
+           for name, (model, backend) in models.items()}
+    ms = harness.interleaved_ms(fns, torch.device("cpu"), warmup=1, reps=reps)
+    return {name: tokens / (v * 1e-3) for name, v in ms.items()}
 
 
-def quantized_decode(quick: bool = False) -> dict:
-    """Tokens/s of each DECODE_COMPETITORS entry; see the module docstring."""
+def quantized_decode(quick: bool = False, config: dict | None = None) -> dict:
+    """Tokens/s of each DECODE_COMPETITORS entry, all of them built first and then timed in turns
+    (one after another, a host whose speed drifts by tens of percent within a minute, as the
+    2-vCPU VMs here do, skews their ratios); see the module docstring. config overrides
+    DECODE_CONFIG (a test's small model)."""
     from fastlm.bench.quant_matmul import read_bandwidth
 
     cpu = torch.device("cpu")
     bw = read_bandwidth(cpu)
     prompt, new, reps = (16, 4, 2) if quick else (16, 16, 3)
-    out = {"config": dict(DECODE_CONFIG, n_layer=2) if quick else DECODE_CONFIG, "read_GBps": bw, "rows": {}}
-    for name, args in DECODE_COMPETITORS.items():
-        model = _decode_model(quick, args)
-        backend = "torch" if args is None else "cpu"
-        row = {"params": model.num_params(), "bytes_per_token": _read_bytes_per_token(model, prompt + new // 2)}
-        for b in (1, 8):
-            row[f"decode_b{b}_tok_s"] = _decode_tokens_per_s(model, backend, b, prompt, new, reps)
-        row["prefill_512_tok_s"] = _prefill_tokens_per_s(model, backend, 128 if quick else 512, 1 if quick else 2)
+    cfg = dict(DECODE_CONFIG, n_layer=2) if quick else dict(DECODE_CONFIG)
+    cfg.update(config or {})
+    models = {name: (_decode_model(cfg, args), "torch" if args is None else "cpu")
+              for name, args in DECODE_COMPETITORS.items()}
+    rates = {b: _decode_tokens_per_s(models, b, prompt, new, reps) for b in (1, 8)}
+    prefill = _prefill_tokens_per_s(models, 128 if quick else 512, 1 if quick else 2)
+    out = {"config": cfg, "read_GBps": bw, "rows": {}}
+    for name, (model, _) in models.items():
+        row = {"params": model.num_params(), "bytes_per_token": _read_bytes_per_token(model, prompt + new // 2),
+               "decode_b1_tok_s": rates[1][name], "decode_b8_tok_s": rates[8][name],
+               "prefill_512_tok_s": prefill[name]}
         row["achieved_GBps"] = row["bytes_per_token"] * row["decode_b1_tok_s"] / 1e9
         row["pct_read_bw"] = 100 * row["achieved_GBps"] / bw
         out["rows"][name] = row
-        print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-        del model
+    del models
     base = out["rows"]["torch fp32"]
-    print(f"quantized decode, {out['config']['n_layer']} layers x {out['config']['d_model']} "
-          f"({base['params'] / 1e9:.2f} B parameters), read bandwidth {bw:.1f} GB/s:")
+    print(f"quantized decode, {cfg['n_layer']} layers x {cfg['d_model']} "
+          f"({base['params'] / 1e9:.2f} B parameters), read bandwidth {bw:.1f} GB/s, competitors in turns:")
     print(f"  {'competitor':<28}{'MB/token':>9}{'b1 tok/s':>10}{'b8 tok/s':>10}{'prefill tok/s':>15}"
           f"{'GB/s':>7}{'% read':>8}{'b1 x fp32':>10}")
     for name, r in out["rows"].items():
