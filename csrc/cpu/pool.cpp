@@ -183,7 +183,8 @@ int helpers_for(int64_t chunks) {
 bool helpers_awake() { return pool().awake(); }
 
 void parallel_chunks(int64_t chunks, int helpers, void (*fn)(void*, int64_t), void* ctx) {
-  if (helpers <= 0 || chunks <= 1 || t_helper) {
+  // (A job's two ends share one 64-bit word: more than 2^32 chunks run on the caller alone.)
+  if (helpers <= 0 || chunks <= 1 || t_helper || chunks > 0xffffffffLL) {
     for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
     return;
   }
