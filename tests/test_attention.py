@@ -185,33 +185,11 @@ def test_decode_matches_full_attention(backend, device, hq, hk, tn):
         assert rel_err(got[i:i + 1].cpu(), want) < 2e-5, f"sequence {i}"
 
 
-@pytest.mark.parametrize("d", [6, 24, 40, 100, 136])
-def test_decode_lone_query_head_dims(backend, device, d):
-    # One query per key/value head: the CPU's grouped path with groups of one, which splits D into
-    # vectors of 64 and 8 floats and a scalar rest, and keys into groups of 8 and a rest.
-    b, h, tmax = 2, 2, 75 if not INTERPRET else 20
-    seqlens = torch.tensor([tmax, 13], dtype=torch.int32)
-    k_cache = torch.randn(b, h, tmax, d, device=device)
-    v_cache = torch.randn(b, h, tmax, d, device=device)
-    q = torch.randn(b, h, 1, d, device=device)
-    if backend in ("triton", "cuda") and d < 16:  # the GPU kernels' documented range is 16..256
-        with pytest.raises(ValueError, match="head dims"):
-            ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
-        return
-    got = ops.decode_attention(q, k_cache, v_cache, seqlens.to(device), backend=backend)
-    want = ref.decode_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens)
-    for i in range(b):
-        assert rel_err(got[i:i + 1].cpu(), want[i:i + 1]) < 2e-5, f"sequence {i}"
-
-
-@pytest.mark.parametrize("g", [3, 4, 5, 8])
-@pytest.mark.parametrize("d", [6, 24, 100, 128])
-def test_decode_query_groups(backend, device, g, d):
-    # Grouped-query attention, one new token: the CPU takes up to 4 queries of a group against
-    # each load of a key (groups of 5 and 8 in two passes), a few keys at a time with a rest, and
-    # D in vectors with a scalar rest.
-    b, hk, tmax = 3, 2, 75 if not INTERPRET else 20
-    seqlens = torch.tensor([tmax, 13, 1], dtype=torch.int32)
+def _check_one_new_token(backend, device, seqlens, hk, g, d):
+    """decode_attention of one new token per sequence, g query heads per key/value head, against
+    the float64 reference; the GPU backends must refuse d < 16."""
+    b, tmax = len(seqlens), int(max(seqlens))
+    seqlens = torch.tensor(seqlens, dtype=torch.int32)
     k_cache = torch.randn(b, hk, tmax, d, device=device)
     v_cache = torch.randn(b, hk, tmax, d, device=device)
     q = torch.randn(b, g * hk, 1, d, device=device)
@@ -223,6 +201,24 @@ def test_decode_query_groups(backend, device, g, d):
     want = ref.decode_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens)
     for i in range(b):
         assert rel_err(got[i:i + 1].cpu(), want[i:i + 1]) < 2e-5, f"sequence {i}"
+
+
+@pytest.mark.parametrize("d", [6, 24, 40, 100, 136])
+def test_decode_lone_query_head_dims(backend, device, d):
+    # One query per key/value head: the CPU's grouped path with groups of one, which splits D into
+    # vectors of 64 and 8 floats and a scalar rest, and keys into groups of 8 and a rest.
+    tmax = 75 if not INTERPRET else 20
+    _check_one_new_token(backend, device, [tmax, 13], hk=2, g=1, d=d)
+
+
+@pytest.mark.parametrize("g", [3, 4, 5, 8])
+@pytest.mark.parametrize("d", [6, 24, 100, 128])
+def test_decode_query_groups(backend, device, g, d):
+    # Grouped-query attention, one new token: the CPU takes up to 4 queries of a group against
+    # each load of a key (groups of 5 and 8 in two passes), a few keys at a time with a rest, and
+    # D in vectors with a scalar rest.
+    tmax = 75 if not INTERPRET else 20
+    _check_one_new_token(backend, device, [tmax, 13, 1], hk=2, g=g, d=d)
 
 
 @pytest.mark.parametrize("hq,tn,d", [(1, 1, 32), (2, 1, 32), (2, 3, 32), (4, 2, 128), (6, 1, 64)])
