@@ -135,19 +135,21 @@ std::tuple<at::Tensor, at::Tensor> rotary_pos_fwd_cpu(const at::Tensor& q, const
                                                       const at::Tensor& positions, double theta, int64_t rotary_dim,
                                                       bool interleaved, bool backward);
 
-// One pre-norm Llama block at decode on the CPU (csrc/cpu/decode_block.cpp): x (B, 1, C) float32,
-// the previous sub-layer's output, and residual of x's shape or absent (the first block: x is the
-// stream).
-// h = x + residual, y = rms_norm(h) * norm1; the qkv projection, q and k rotated (theta) to
-// `position`, k and v written at `position` of k_cache / v_cache (B, Hk, Tmax, D), cache_seqlens
-// (B) int32, all equal to position, advanced by one; decode attention (scale), proj; h += that,
-// y = rms_norm(h) * norm2; down(silu(gate(y)) * up(y)). The five projections (qkv, proj, gate,
-// up, down) are quant_matmul_dot weights without bias. Returns (mlp out, h), both (B, 1, C).
-std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
-    const at::Tensor& x, const OptTensor& residual, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+// A stack of L pre-norm Llama blocks at decode on the CPU (csrc/cpu/decode_block.cpp): x (B, 1, C)
+// float32, the previous sub-layer's output, and residual of x's shape or absent (the first block
+// of the model: x is the stream). Block l:
+// h = x + residual, y = rms_norm(h) * norm1[l]; the qkv projection, q and k rotated (theta) to
+// `position`, k and v written at `position` of k_caches[l] / v_caches[l] (B, Hk, Tmax, D),
+// cache_seqlens[l] (B) int32, all equal to position, advanced by one; decode attention (scale),
+// proj; h += that, y = rms_norm(h) * norm2[l]; x = down(silu(gate(y)) * up(y)), residual = h. The
+// five projections of block l (qkv, proj, gate, up, down) are entries 5 l .. 5 l + 4 of the
+// quant_matmul_dot weight lists, without bias. Every block is checked before the first runs.
+// Returns the last block's (mlp out, h), both (B, 1, C).
+std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
+    const at::Tensor& x, const OptTensor& residual, at::TensorList norm1, at::TensorList norm2, double eps,
     at::TensorList qweights, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& zeros,
-    at::IntArrayRef bits, at::IntArrayRef group_sizes, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, int64_t position, int64_t n_head, int64_t n_kv_head, double theta,
+    at::IntArrayRef bits, at::IntArrayRef group_sizes, at::TensorList k_caches, at::TensorList v_caches,
+    at::TensorList cache_seqlens, int64_t position, int64_t n_head, int64_t n_kv_head, double theta,
     double scale);
 
 #ifdef FASTLM_WITH_CUDA

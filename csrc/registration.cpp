@@ -25,10 +25,10 @@ TORCH_LIBRARY(fastlm_C, m) {
   m.def("quant_matmul_dot(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits,"
         " int group_size) -> Tensor");
   m.def("quant_dot_isa(int force) -> str", &fastlm::quant_dot_isa);
-  m.def("decode_block(Tensor x, Tensor? residual, Tensor norm1, Tensor norm2, float eps, Tensor[] qweights,"
-        " Tensor[] scales, Tensor?[] zeros, int[] bits, int[] group_sizes, Tensor(a!) k_cache, Tensor(b!) v_cache,"
-        " Tensor(c!) cache_seqlens, int position, int n_head, int n_kv_head, float theta, float scale)"
-        " -> (Tensor, Tensor)");
+  m.def("decode_blocks(Tensor x, Tensor? residual, Tensor[] norm1, Tensor[] norm2, float eps, Tensor[] qweights,"
+        " Tensor[] scales, Tensor?[] zeros, int[] bits, int[] group_sizes, Tensor(a!)[] k_caches,"
+        " Tensor(b!)[] v_caches, Tensor(c!)[] cache_seqlens, int position, int n_head, int n_kv_head, float theta,"
+        " float scale) -> (Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor, Tensor)");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
@@ -50,7 +50,7 @@ TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("decode_attention", &fastlm::decode_attention_cpu);
   m.impl("quant_matmul", &fastlm::quant_matmul_cpu);
   m.impl("quant_matmul_dot", &fastlm::quant_matmul_dot_cpu);
-  m.impl("decode_block", &fastlm::decode_block_cpu);
+  m.impl("decode_blocks", &fastlm::decode_blocks_cpu);
   m.impl("bias_gelu_fwd", &fastlm::bias_gelu_fwd_cpu);
   m.impl("bias_gelu_bwd", &fastlm::bias_gelu_bwd_cpu);
   m.impl("silu_mul_fwd", &fastlm::silu_mul_fwd_cpu);

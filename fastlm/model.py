@@ -15,8 +15,8 @@ a chunk of rows at a time, without the full logits (ops.linear_cross_entropy).
 
 Decoding with a KV cache on the CPU, the Llama block (rmsnorm, rope, swiglu) whose projections
 are all act_quant QuantLinears (fastlm.quantize_(..., act_quant=True)) runs as one kernel call
-(_decode_block): at decode each kernel takes tens of microseconds, and the Python around a
-layer's ten of them cost as much again.
+(_decode_blocks), and so does the whole stack of such blocks: at decode each kernel takes tens of
+microseconds, and the Python around a layer's ten of them cost as much again.
 
 `config.backend` (or `forward(..., backend=)`) runs the same weights through the torch reference
 path ("torch") or a fastlm backend ("cpu", "cuda", "triton"; None = the best available).
@@ -147,7 +147,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None, cache: KVCache | None = None, *,
                 attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if cache is not None and attn_mask is None and (fused := _decode_block(self, x, residual, cache)) is not None:
+        if cache is not None and attn_mask is None and (fused := _decode_blocks((self,), x, residual, (cache,))):
             return fused
         y, h = (self.norm1(x), x) if residual is None else self.norm1(x, residual)
         y, h = self.norm2(self.attn(y, cache, attn_mask=attn_mask), h)
@@ -161,23 +161,16 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
 
-def _decode_block(block: Block, x: Tensor, residual: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor] | None:
-    """The block in one kernel call (torch.ops.fastlm_C.decode_block, csrc/cpu/decode_block.cpp),
-    which runs the modules' own kernels without the Python between them, when the block is the
-    quantized Llama block (RMSNorm, rotary attention, SwiGLU; every projection a QuantLinear with
-    act_quant and no bias) decoding one float32 token per sequence on the cpu backend, in
-    inference, with no hooks; None otherwise, and the modules run as usual."""
-    if (x.dim() != 3 or x.shape[1] != 1 or not x.is_cpu or x.dtype != torch.float32 or block.training
-            or torch.is_grad_enabled()
-            or (residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape))
-            or torch.compiler.is_compiling() or backends.choose("decode_block", x.device) != "cpu"):
-        return None
+def _fusable(block: Block, cache: KVCache) -> tuple | None:
+    """The parts of `block` that the fused decode call takes, when it is the quantized Llama block
+    (RMSNorm, rotary attention, SwiGLU; every projection a QuantLinear with act_quant and no bias)
+    in inference with no hooks, and its cache has room; None otherwise."""
     # Submodules, parameters and buffers straight from their dicts: nn.Module.__getattr__ is a
     # Python call per read, and this runs ~40 reads per block per token.
     mods = block._modules
     attn, mlp, n1, n2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
     if not (type(n1) is RMSNorm and type(n2) is RMSNorm and type(attn) is CausalSelfAttention
-            and type(mlp) is SwiGLU and attn.causal):
+            and type(mlp) is SwiGLU and attn.causal) or block.training:
         return None
     am, mm = attn._modules, mlp._modules
     rotary = am.get("rotary")
@@ -191,14 +184,36 @@ def _decode_block(block: Block, x: Tensor, residual: Tensor | None, cache: KVCac
             or cache.seqlens.dtype != torch.int32 or cache.longest >= cache.max_len  # the modules say why
             or _hooked(block, attn, mlp, n1, n2, rotary, *linears)):
         return None
-    eps = _rms_eps(n1.eps, x)  # the modules' rule for eps=None
+    # Blocks of one call share these.
+    shared = (n1.eps, attn.n_head, attn.n_kv_head, attn.head_dim, rotary.theta, cache.longest)
+    return shared, w1, w2, linears, cache
+
+
+def _decode_blocks(blocks, x: Tensor, residual: Tensor | None, caches) -> tuple[Tensor, Tensor] | None:
+    """The blocks, one after the other, in one kernel call (torch.ops.fastlm_C.decode_blocks,
+    csrc/cpu/decode_block.cpp), which runs the modules' own kernels without the Python between
+    them, when every block is _fusable, they decode one float32 token per sequence on the cpu
+    backend without a gradient, and they share their shapes and position; None otherwise, and
+    the modules run as usual."""
+    if (x.dim() != 3 or x.shape[1] != 1 or not x.is_cpu or x.dtype != torch.float32 or torch.is_grad_enabled()
+            or (residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape))
+            or torch.compiler.is_compiling() or backends.choose("decode_block", x.device) != "cpu"):
+        return None
+    parts = [_fusable(block, cache) for block, cache in zip(blocks, caches)]
+    if not parts or any(p is None for p in parts) or any(p[0] != parts[0][0] for p in parts):
+        return None
+    (eps, n_head, n_kv_head, head_dim, theta, position), *_ = parts[0]
+    linears = [lin for p in parts for lin in p[3]]
     bufs = [lin._buffers for lin in linears]
-    out, h = torch.ops.fastlm_C.decode_block(
-        x.contiguous(), None if residual is None else residual.contiguous(), w1, w2, eps,
+    out, h = torch.ops.fastlm_C.decode_blocks(
+        x.contiguous(), None if residual is None else residual.contiguous(), [p[1] for p in parts],
+        [p[2] for p in parts], _rms_eps(eps, x),  # the modules' rule for eps=None
         [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
-        [lin.bits for lin in linears], [lin.group_size for lin in linears], cache.k, cache.v, cache.seqlens,
-        cache.longest, attn.n_head, attn.n_kv_head, rotary.theta, 1.0 / math.sqrt(attn.head_dim))
-    cache.longest += 1
+        [lin.bits for lin in linears], [lin.group_size for lin in linears], [p[4].k for p in parts],
+        [p[4].v for p in parts], [p[4].seqlens for p in parts], position, n_head, n_kv_head, theta,
+        1.0 / math.sqrt(head_dim))
+    for p in parts:
+        p[4].longest += 1
     return out, h
 
 
@@ -266,8 +281,15 @@ class Transformer(nn.Module):
                                      f"{tuple(ids.shape)}, got {tuple(key_padding_mask.shape)} "
                                      f"{key_padding_mask.dtype}")
                 mask = key_padding_mask[:, None, None, :]
-            for i, block in enumerate(self.blocks):
-                x, residual = block(x, residual, None if caches is None else caches[i], attn_mask=mask)
+            # At decode, the whole stack in one call where it can (_decode_blocks), else block by block.
+            fused = None
+            if caches is not None and mask is None and ids.shape[1] == 1 and len(caches) == len(self.blocks):
+                fused = _decode_blocks(self.blocks, x, residual, caches)
+            if fused is not None:
+                x, residual = fused
+            else:
+                for i, block in enumerate(self.blocks):
+                    x, residual = block(x, residual, None if caches is None else caches[i], attn_mask=mask)
             return self.norm_f(x) if residual is None else self.norm_f(x, residual)[0]
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, *, backend: str | None = None,

@@ -1,6 +1,6 @@
-"""The quantized Llama block at decode in one call (torch.ops.fastlm_C.decode_block, taken by
-fastlm.model's Block): against a float64 block over the dequantized weights, bit for bit against
-the modules it stands for, and only where it applies."""
+"""The quantized Llama blocks at decode in one call (torch.ops.fastlm_C.decode_blocks, taken by
+fastlm.model's Transformer for its whole stack and by a Block alone): against a float64 block over
+the dequantized weights, bit for bit against the modules it stands for, and only where it applies."""
 
 from __future__ import annotations
 
@@ -38,17 +38,18 @@ def llama(n_kv_head=2, quantize=True, **fmt) -> Transformer:
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """How many blocks ran as one call; `off()` sends every block through its modules."""
-    real = fm._decode_block
+    """Each try at a fused call: (blocks, whether they ran fused); `off()` sends every block
+    through its modules."""
+    real = fm._decode_blocks
     calls = []
 
-    def counting(*args):
-        out = real(*args)
-        calls.append(out is not None)
+    def counting(blocks, *args):
+        out = real(blocks, *args)
+        calls.append((len(blocks), out is not None))
         return out
 
-    monkeypatch.setattr(fm, "_decode_block", counting)
-    counting.off = lambda: monkeypatch.setattr(fm, "_decode_block", lambda *args: None)
+    monkeypatch.setattr(fm, "_decode_blocks", counting)
+    counting.off = lambda: monkeypatch.setattr(fm, "_decode_blocks", lambda *args: None)
     counting.calls = calls
     return counting
 
@@ -73,7 +74,8 @@ def test_matches_the_modules_bit_for_bit(fused_calls, fmt, batch, n_kv_head):
     model = llama(n_kv_head, **FORMATS[fmt])
     ids = torch.randint(0, 300, (batch, 5))
     got, got_caches = decode(model, ids, 4)
-    assert fused_calls.calls == [False] * 3 + [True] * 12  # the prefill through the modules, then fused
+    # the prefill through the modules, then each step's three blocks in one call
+    assert fused_calls.calls == [(1, False)] * 3 + [(3, True)] * 4
     fused_calls.off()
     want, want_caches = decode(model, ids, 4)
     assert torch.equal(got, want)
@@ -122,7 +124,7 @@ def test_against_float64(fused_calls, fmt, first):
     k0, v0 = cache.k.clone(), cache.v.clone()
     with fastlm.ops.use_backend("cpu"):
         out, h = block(x, residual, cache)
-    assert fused_calls.calls == [True]
+    assert fused_calls.calls == [(1, True)]
     want, want_h, want_k, want_v = reference_block(block, x[:, 0], None if first else residual[:, 0], k0, v0, pos)
     assert ref.error(out[:, 0], want) < 1e-5
     assert ref.error(h[:, 0], want_h) < 1e-6
@@ -137,7 +139,8 @@ def test_only_where_it_applies(fused_calls):
     seen = []
     hook = model.blocks[0].mlp.down_proj.register_forward_hook(lambda *args: seen.append(1))
     decode(model, ids, 1)
-    assert fused_calls.calls == [False] * 3 + [False, True, True] and seen == [1, 1]  # a hooked block
+    # a hooked block: the stack falls back to block by block, and the other two still fuse
+    assert fused_calls.calls == [(1, False)] * 3 + [(3, False), (1, False), (1, True), (1, True)] and seen == [1, 1]
     hook.remove()
 
     fused_calls.calls.clear()
@@ -149,7 +152,7 @@ def test_only_where_it_applies(fused_calls):
         caches = model.new_caches(1, 8)
         model(ids, caches=caches)
         model(ids[:, :1], caches=caches)
-    assert not any(fused_calls.calls)
+    assert not any(fused for _, fused in fused_calls.calls)
 
     float_weights = llama(quantize=False)
     float_path = llama(quantize=False)
@@ -157,7 +160,7 @@ def test_only_where_it_applies(fused_calls):
     for other in (float_weights, float_path):
         fused_calls.calls.clear()
         decode(other, ids, 1)
-        assert fused_calls.calls == [False] * 6
+        assert fused_calls.calls == [(1, False)] * 3 + [(3, False)] + [(1, False)] * 3
 
 
 @torch.no_grad()
@@ -172,32 +175,46 @@ def test_full_cache_raises_as_the_modules_do():
 
 def test_raw_op_errors():
     model = llama()
-    block = model.blocks[0]
-    attn, mlp = block.attn, block.mlp
-    linears = (attn.qkv, attn.proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    cache = attn.new_cache(2, 8)
+    blocks = model.blocks[:2]
+    caches = [blk.attn.new_cache(2, 8) for blk in blocks]
 
-    def call(x=None, k=None, lens=None, position=0, drop=0, residual=None):
-        lins = linears[:len(linears) - drop]
-        return torch.ops.fastlm_C.decode_block(
-            torch.randn(2, 1, 384) if x is None else x, residual, block.norm1.weight, block.norm2.weight, 1e-5,
-            [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins],
-            [m.bits for m in lins], [m.group_size for m in lins], cache.k if k is None else k, cache.v,
-            cache.seqlens if lens is None else lens, position, 4, 2, 10000.0, 96 ** -0.5)
+    def linears(blk):
+        return (blk.attn.qkv, blk.attn.proj, blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj)
+
+    def call(x=None, k=None, lens=None, position=0, drop=0, residual=None, lins=None, norms=None):
+        lins = [m for blk in blocks for m in linears(blk)] if lins is None else lins
+        lins = lins[:len(lins) - drop]
+        return torch.ops.fastlm_C.decode_blocks(
+            torch.randn(2, 1, 384) if x is None else x, residual,
+            [blk.norm1.weight for blk in blocks] if norms is None else norms, [blk.norm2.weight for blk in blocks],
+            1e-5, [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins],
+            [m.bits for m in lins], [m.group_size for m in lins],
+            [c.k for c in caches[:-1]] + [caches[-1].k if k is None else k],
+            [c.v for c in caches], [c.seqlens for c in caches[:-1]] + [caches[-1].seqlens if lens is None else lens],
+            position, 4, 2, 10000.0, 96 ** -0.5)
 
     out, h = call()
-    assert out.shape == h.shape == (2, 1, 384) and cache.seqlens.tolist() == [1, 1]
-    with pytest.raises(RuntimeError, match="decode_block: x must be a contiguous float32"):
+    assert out.shape == h.shape == (2, 1, 384) and [c.seqlens.tolist() for c in caches] == [[1, 1], [1, 1]]
+    with pytest.raises(RuntimeError, match="decode_blocks: x must be a contiguous float32"):
         call(x=torch.randn(2, 1, 384, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="decode_block: residual must have x's shape"):
+    with pytest.raises(RuntimeError, match="decode_blocks: residual must be a contiguous float32 CPU tensor of x's"):
         call(residual=torch.randn(2, 384), position=1)
-    with pytest.raises(RuntimeError, match="decode_block: qweights, scales"):
+    with pytest.raises(RuntimeError, match="decode_blocks: qweights, scales, zeros, bits and group_sizes must hold 5"):
         call(position=1, drop=1)
-    with pytest.raises(RuntimeError, match=r"decode_block: cache_seqlens\[0\] = 1 but position is 3"):
-        call(position=3)
-    with pytest.raises(RuntimeError, match="decode_block: position 8 must lie in"):
+    with pytest.raises(RuntimeError, match="decode_blocks: norm1, norm2, k_caches, v_caches and cache_seqlens must"):
+        call(position=1, norms=[blocks[0].norm1.weight])
+    with pytest.raises(RuntimeError, match="decode_blocks: position 8 must lie in"):
         call(position=8)
-    with pytest.raises(RuntimeError, match="decode_block: k_cache must be"):
+    with pytest.raises(RuntimeError, match="decode_blocks: block 1's k_cache must be"):
         call(k=torch.zeros(2, 2, 8, 48), position=1)
-    with pytest.raises(RuntimeError, match="decode_block: cache_seqlens must be"):
+    with pytest.raises(RuntimeError, match="decode_blocks: block 1's cache_seqlens must be"):
         call(lens=torch.ones(2, dtype=torch.int64), position=1)
+    swapped = [m for blk in blocks for m in linears(blk)]
+    swapped[5], swapped[6] = swapped[6], swapped[5]  # block 1's qkv and proj
+    with pytest.raises(RuntimeError, match="decode_blocks: block 1's qkv projection must be 384 -> 768"):
+        call(position=1, lins=swapped)
+    # Every block is checked before the first runs: a bad last block leaves block 0's cache as it was.
+    k0, lens0 = caches[0].k.clone(), caches[0].seqlens.clone()
+    with pytest.raises(RuntimeError, match=r"decode_blocks: block 1's cache_seqlens\[0\] = 3 but position is 1"):
+        call(position=1, lens=torch.full((2,), 3, dtype=torch.int32))
+    assert torch.equal(caches[0].k, k0) and torch.equal(caches[0].seqlens, lens0)

@@ -1,18 +1,21 @@
-// One pre-norm Llama block (RMSNorm, rotary attention against a KV cache, SwiGLU MLP, every
-// projection a quantized integer-dot linear) for one new token per sequence, in one call.
+// Pre-norm Llama blocks (RMSNorm, rotary attention against a KV cache, SwiGLU MLP, every
+// projection a quantized integer-dot linear) for one new token per sequence: a stack of them in
+// one call.
 //
 // It runs the very kernels the modules run (norm_fwd, quant_matmul_dot, rotary_pos_fwd,
 // decode_attention, silu_mul_fwd), in their order and on the same inputs, so its results are the
 // modules' to the bit. What it removes is the Python between them: at decode every kernel takes
 // tens of microseconds and the layer's ~40 tensor ops and module calls around them took as long
 // again (a 24-layer 0.65 B model on a 2-core AMD EPYC: ~18 of ~41 ms a token with the matmuls
-// stubbed out).
+// stubbed out). Between the blocks of a stack no Python runs either: each block's matmuls stream
+// megabytes of weights through this core's caches, and the Python of the next block's call then
+// ran from memory, ~120 us a block where it takes ~11 hot (Intel Xeon, 0.65 B, batch 1).
 //
 // Between the matmuls the block tells fastlm's pool (cpu/pool.h) which weights come next: its
 // helpers stay awake instead of sleeping through rotary and attention (waking one cost the next
 // matmul ~35 us on an Intel Xeon VM), read the ends of the next weights into their caches while
-// this thread works alone, and take decode attention's parallel tasks. The block ends with such a
-// hint too, for the next block's first matmul.
+// this thread works alone, and take decode attention's parallel tasks. A block ends with such a
+// hint for the next block's first matmul.
 #include <ATen/ATen.h>
 
 #include <cstring>
@@ -27,81 +30,96 @@ namespace {
 
 constexpr int kLinears = 5;  // qkv, proj, gate, up, down
 
+// Block l's five projections: entries 5 l .. 5 l + 4 of the lists.
 struct Linears {
   at::TensorList q, s;
   const c10::List<std::optional<at::Tensor>>& z;
   at::IntArrayRef bits, group;
+  int64_t first;
 
-  // The pool's helpers stay awake for the linears `next` and read ahead their weights.
+  // The pool's helpers stay awake for the linears `next` (of this block; kLinears: the next
+  // block's qkv, when there is one) and read ahead their weights.
   void prepare(std::initializer_list<int> next) const {
     pool::Range r[pool::kMaxRanges];
     int n = 0;
     for (int i : next) {
-      r[n++] = {q[i].data_ptr(), static_cast<int64_t>(q[i].nbytes())};
-      r[n++] = {s[i].data_ptr(), static_cast<int64_t>(s[i].nbytes())};
+      const int64_t j = first + i;
+      if (j >= static_cast<int64_t>(q.size())) continue;
+      r[n++] = {q[j].data_ptr(), static_cast<int64_t>(q[j].nbytes())};
+      r[n++] = {s[j].data_ptr(), static_cast<int64_t>(s[j].nbytes())};
     }
     pool::prepare(r, n);
   }
 
   at::Tensor operator()(int i, const at::Tensor& x) const {
-    const std::optional<at::Tensor> zi = z.get(i);
-    return quant_matmul_dot_cpu(x, q[i], s[i], zi, std::nullopt, bits[i], group[i]);
+    const int64_t j = first + i;
+    const std::optional<at::Tensor> zj = z.get(j);
+    return quant_matmul_dot_cpu(x, q[j], s[j], zj, std::nullopt, bits[j], group[j]);
   }
 };
 
-}  // namespace
+struct Shape {
+  int64_t B, C, Hq, Hk, D;
+};
 
-std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
-    const at::Tensor& x, const OptTensor& residual, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
-    at::TensorList qweights, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& zeros,
-    at::IntArrayRef bits, at::IntArrayRef group_sizes, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, int64_t position, int64_t n_head, int64_t n_kv_head, double theta,
-    double scale) {
-  const char* op = "decode_block";
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
-                  x.scalar_type() == at::kFloat,
-              op, ": x must be a contiguous float32 (B, 1, C) CPU tensor, got ", x.scalar_type(), " of shape ",
-              x.sizes());
-  TORCH_CHECK(!present(residual) || residual->sizes() == x.sizes(), op, ": residual must have x's shape ",
-              x.sizes(), ", got ", residual->sizes());
-  TORCH_CHECK(qweights.size() == kLinears && scales.size() == kLinears && zeros.size() == kLinears &&
-                  bits.size() == kLinears && group_sizes.size() == kLinears,
-              op, ": qweights, scales, zeros, bits and group_sizes must hold ", kLinears,
-              " entries each (qkv, proj, gate, up, down)");
-  const int64_t B = x.size(0), C = x.size(2);
-  TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0 && C % n_head == 0, op, ": n_head ", n_head,
-              " must divide C = ", C, " and be a multiple of n_kv_head ", n_kv_head);
-  const int64_t Hq = n_head, Hk = n_kv_head, D = C / n_head;
-  TORCH_CHECK(qweights[0].size(0) == (Hq + 2 * Hk) * D && qweights[1].size(0) == C, op,
-              ": the qkv projection must have (n_head + 2 n_kv_head) x head_dim = ", (Hq + 2 * Hk) * D,
-              " outputs and proj ", C, "; got ", qweights[0].size(0), " and ", qweights[1].size(0));
-  TORCH_CHECK(qweights[4].size(0) == C, op, ": down must have C = ", C, " outputs, got ", qweights[4].size(0));
+// Everything about block l that could fail part way through the stack, checked before any block
+// runs, so that a bad block leaves every cache as it was. (The kernels check their own inputs again.)
+void check_block(const char* op, int64_t l, const Shape& sh, const at::Tensor& norm1, const at::Tensor& norm2,
+                 const Linears& lin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& seqlens, int64_t position) {
+  const auto [B, C, Hq, Hk, D] = sh;
+  for (const at::Tensor* w : {&norm1, &norm2}) {
+    TORCH_CHECK(w->device().is_cpu() && w->scalar_type() == at::kFloat && w->dim() == 1 && w->size(0) == C, op,
+                ": block ", l, "'s norm weights must be float32 CPU tensors of shape (", C, ")");
+  }
+  const char* names[kLinears] = {"qkv", "proj", "gate", "up", "down"};
+  for (int i = 0; i < kLinears; ++i) {
+    TORCH_CHECK(lin.q[lin.first + i].dim() == 2, op, ": block ", l, "'s ", names[i], " qweight must be 2-D, got ",
+                lin.q[lin.first + i].sizes());
+  }
+  const int64_t hidden = lin.q[lin.first + 2].size(0);
+  const int64_t outs[kLinears] = {(Hq + 2 * Hk) * D, C, hidden, hidden, C};
+  const int64_t ins[kLinears] = {C, C, C, C, hidden};
+  for (int i = 0; i < kLinears; ++i) {
+    const at::Tensor& q = lin.q[lin.first + i];
+    const int64_t bits = lin.bits[lin.first + i];
+    TORCH_CHECK(q.size(0) == outs[i] && (bits == 4 || bits == 8) &&
+                    q.size(1) * (bits == 4 ? 2 : 1) == ins[i],
+                op, ": block ", l, "'s ", names[i], " projection must be ", ins[i], " -> ", outs[i], " (",
+                bits, "-bit qweight of shape (", outs[i], ", ", bits == 4 ? ins[i] / 2 : ins[i], ")), got qweight ",
+                q.sizes());
+  }
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hk && k_cache.size(3) == D &&
                   k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat && k_cache.device().is_cpu(),
-              op, ": k_cache must be a contiguous float32 CPU tensor (", B, ", ", Hk, ", Tmax, ", D, "), got ",
-              k_cache.scalar_type(), " of shape ", k_cache.sizes());
+              op, ": block ", l, "'s k_cache must be a contiguous float32 CPU tensor (", B, ", ", Hk, ", Tmax, ", D,
+              "), got ", k_cache.scalar_type(), " of shape ", k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat &&
                   v_cache.device().is_cpu(),
-              op, ": v_cache must be contiguous and like k_cache ", k_cache.sizes(), ", got ", v_cache.sizes());
+              op, ": block ", l, "'s v_cache must be contiguous and like its k_cache ", k_cache.sizes(), ", got ",
+              v_cache.sizes());
   TORCH_CHECK(position >= 0 && position < k_cache.size(2), op, ": position ", position, " must lie in [0, ",
-              k_cache.size(2), "): the cache has no room for the new token");
-  TORCH_CHECK(cache_seqlens.device().is_cpu() && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
-                  cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(),
-              op, ": cache_seqlens must be a contiguous int32 CPU tensor of shape (", B, ")");
+              k_cache.size(2), "): block ", l, "'s cache has no room for the new token");
+  TORCH_CHECK(seqlens.device().is_cpu() && seqlens.dim() == 1 && seqlens.size(0) == B &&
+                  seqlens.scalar_type() == at::kInt && seqlens.is_contiguous(),
+              op, ": block ", l, "'s cache_seqlens must be a contiguous int32 CPU tensor of shape (", B, ")");
   // The new token goes to `position` of every sequence, where decode_attention will look for it.
-  int32_t* lens = cache_seqlens.data_ptr<int32_t>();
+  const int32_t* lens = seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] == position, op, ": cache_seqlens[", b, "] = ", lens[b], " but position is ", position,
-                "; every sequence must hold `position` tokens");
+    TORCH_CHECK(lens[b] == position, op, ": block ", l, "'s cache_seqlens[", b, "] = ", lens[b], " but position is ",
+                position, "; every sequence must hold `position` tokens");
   }
-  const Linears linear{qweights, scales, zeros, bits, group_sizes};
-  linear.prepare({0});
+}
 
+// One block: (mlp out, h), both (B, C).
+std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& r2, const Shape& sh,
+                                         const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                                         const Linears& linear, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& cache_seqlens, int64_t position, double theta,
+                                         double scale) {
+  const auto [B, C, Hq, Hk, D] = sh;
   // h = x + residual; y = rms_norm(h)
-  const at::Tensor x2 = x.view({B, C});
-  const OptTensor r2 = present(residual) ? OptTensor(residual->view({B, C})) : std::nullopt;
   auto [y, h, unused_mean, unused_rstd] = norm_fwd_cpu(x2, norm1, std::nullopt, r2, eps, /*rms=*/true);
-  if (!present(residual)) h = x2;
+  if (!present(r2)) h = x2;
 
   // Attention: q, k, v of the new token, rotated to `position`, k and v into the cache.
   const at::Tensor qkv = linear(0, y);
@@ -109,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
   const auto heads = [&](int64_t first, int64_t count) {
     return qkv.narrow(1, first * D, count * D).view({B, 1, count, D}).transpose(1, 2);
   };
-  const at::Tensor positions = at::full({1, 1}, position, x.options().dtype(at::kLong));  // one angle table for the batch
+  const at::Tensor positions = at::full({1, 1}, position, x2.options().dtype(at::kLong));  // one angle table for the batch
   auto [q, k] = rotary_pos_fwd_cpu(heads(0, Hq), heads(Hq, Hk), positions, theta, D, false, false);
   // Plain copies of B x Hk rows of D floats: ATen's copy_ costs ~10 us a call at this size.
   const int64_t tmax = k_cache.size(2), n = qkv.size(1);
@@ -117,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
   const float* vr = qkv.data_ptr<float>() + (Hq + Hk) * D;
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
+  int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < Hk; ++g) {
       const int64_t off = ((b * Hk + g) * tmax + position) * D;
@@ -134,9 +153,56 @@ std::tuple<at::Tensor, at::Tensor> decode_block_cpu(
   const at::Tensor gate = linear(2, y2), up = linear(3, y2);
   linear.prepare({4});
   const at::Tensor a = silu_mul_fwd_cpu(gate, up);
-  at::Tensor out = linear(4, a).view({B, 1, C});
-  linear.prepare({});  // the next block's first matmul
-  return {out, h2.view({B, 1, C})};
+  at::Tensor out = linear(4, a);
+  linear.prepare({kLinears});  // the next block's first matmul
+  return {out, h2};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
+    const at::Tensor& x, const OptTensor& residual, at::TensorList norm1, at::TensorList norm2, double eps,
+    at::TensorList qweights, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& zeros,
+    at::IntArrayRef bits, at::IntArrayRef group_sizes, at::TensorList k_caches, at::TensorList v_caches,
+    at::TensorList cache_seqlens, int64_t position, int64_t n_head, int64_t n_kv_head, double theta,
+    double scale) {
+  const char* op = "decode_blocks";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
+                  x.scalar_type() == at::kFloat,
+              op, ": x must be a contiguous float32 (B, 1, C) CPU tensor, got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  TORCH_CHECK(!present(residual) || (residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                                     residual->scalar_type() == at::kFloat && residual->device().is_cpu()),
+              op, ": residual must be a contiguous float32 CPU tensor of x's shape ", x.sizes(), ", got ",
+              residual->scalar_type(), " of shape ", residual->sizes());
+  const int64_t L = static_cast<int64_t>(norm1.size());
+  const auto n = [](auto& list) { return static_cast<int64_t>(list.size()); };
+  TORCH_CHECK(L >= 1 && n(norm2) == L && n(k_caches) == L && n(v_caches) == L && n(cache_seqlens) == L, op,
+              ": norm1, norm2, k_caches, v_caches and cache_seqlens must hold one entry per block (at least one), got ",
+              L, ", ", n(norm2), ", ", n(k_caches), ", ", n(v_caches), " and ", n(cache_seqlens));
+  TORCH_CHECK(n(qweights) == kLinears * L && n(scales) == kLinears * L && n(zeros) == kLinears * L &&
+                  n(bits) == kLinears * L && n(group_sizes) == kLinears * L,
+              op, ": qweights, scales, zeros, bits and group_sizes must hold ", kLinears,
+              " entries per block (qkv, proj, gate, up, down), ", kLinears * L, " for ", L, " blocks");
+  const int64_t B = x.size(0), C = x.size(2);
+  TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0 && C % n_head == 0, op, ": n_head ", n_head,
+              " must divide C = ", C, " and be a multiple of n_kv_head ", n_kv_head);
+  const Shape sh{B, C, n_head, n_kv_head, C / n_head};
+  const auto linears = [&](int64_t l) { return Linears{qweights, scales, zeros, bits, group_sizes, kLinears * l}; };
+  for (int64_t l = 0; l < L; ++l) {
+    check_block(op, l, sh, norm1[l], norm2[l], linears(l), k_caches[l], v_caches[l], cache_seqlens[l], position);
+  }
+
+  linears(0).prepare({0});
+  at::Tensor out = x.view({B, C});
+  OptTensor h = present(residual) ? OptTensor(residual->view({B, C})) : std::nullopt;
+  for (int64_t l = 0; l < L; ++l) {
+    auto [o, h2] = block(out, h, sh, norm1[l], norm2[l], eps, linears(l), k_caches[l], v_caches[l],
+                         cache_seqlens[l], position, theta, scale);
+    out = o;
+    h = h2;
+  }
+  return {out.view({B, 1, C}), h->view({B, 1, C})};
 }
 
 }  // namespace fastlm
