@@ -135,6 +135,11 @@ std::tuple<at::Tensor, at::Tensor> rotary_pos_fwd_cpu(const at::Tensor& q, const
                                                       const at::Tensor& positions, double theta, int64_t rotary_dim,
                                                       bool interleaved, bool backward);
 
+// rotary_pos_fwd's float32 angles for positions (1, T), rotate-half layout, as a rotary_fwd table
+// (2, 1, T, rotary_dim): [0] the cos rows, [1] the sin rows. rotary_fwd_cpu over it rotates float32
+// q and k to the same bits as rotary_pos_fwd_cpu does.
+at::Tensor rotary_pos_table_cpu(const at::Tensor& positions, double theta, int64_t rotary_dim);
+
 // A stack of L pre-norm Llama blocks at decode on the CPU (csrc/cpu/decode_block.cpp): x (B, 1, C)
 // float32, the previous sub-layer's output, and residual of x's shape or absent (the first block
 // of the model: x is the stream). Block l:

@@ -114,8 +114,8 @@ void check_block(const char* op, int64_t l, const Shape& sh, const at::Tensor& n
 std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& r2, const Shape& sh,
                                          const at::Tensor& norm1, const at::Tensor& norm2, double eps,
                                          const Linears& linear, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                         const at::Tensor& cache_seqlens, int64_t position, double theta,
-                                         double scale) {
+                                         const at::Tensor& cache_seqlens, int64_t position, const at::Tensor& cos,
+                                         const at::Tensor& sin, double scale) {
   const auto [B, C, Hq, Hk, D] = sh;
   // h = x + residual; y = rms_norm(h)
   auto [y, h, unused_mean, unused_rstd] = norm_fwd_cpu(x2, norm1, std::nullopt, r2, eps, /*rms=*/true);
@@ -127,8 +127,7 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
   const auto heads = [&](int64_t first, int64_t count) {
     return qkv.narrow(1, first * D, count * D).view({B, 1, count, D}).transpose(1, 2);
   };
-  const at::Tensor positions = at::full({1, 1}, position, x2.options().dtype(at::kLong));  // one angle table for the batch
-  auto [q, k] = rotary_pos_fwd_cpu(heads(0, Hq), heads(Hq, Hk), positions, theta, D, false, false);
+  auto [q, k] = rotary_fwd_cpu(heads(0, Hq), heads(Hq, Hk), cos, sin, false, false);
   // Plain copies of B x Hk rows of D floats: ATen's copy_ costs ~10 us a call at this size.
   const int64_t tmax = k_cache.size(2), n = qkv.size(1);
   const float* kr = k.data_ptr<float>();  // (B, Hk, 1, D), contiguous
@@ -194,11 +193,15 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
   }
 
   linears(0).prepare({0});
+  // The angles of `position`, made once for every block (and the batch): the same float32 rows
+  // rotary_pos_fwd makes, so the same bits.
+  const at::Tensor table = rotary_pos_table_cpu(at::full({1, 1}, position, x.options().dtype(at::kLong)), theta, sh.D);
+  const at::Tensor cos = table[0], sin = table[1];
   at::Tensor out = x.view({B, C});
   OptTensor h = present(residual) ? OptTensor(residual->view({B, C})) : std::nullopt;
   for (int64_t l = 0; l < L; ++l) {
     auto [o, h2] = block(out, h, sh, norm1[l], norm2[l], eps, linears(l), k_caches[l], v_caches[l],
-                         cache_seqlens[l], position, theta, scale);
+                         cache_seqlens[l], position, cos, sin, scale);
     out = o;
     h = h2;
   }

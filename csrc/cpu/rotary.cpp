@@ -192,16 +192,10 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k,
   return {qo, ko};
 }
 
-// One set of positions for a whole batch (training, a prompt): its table is made once, here,
-// rather than by every batch row's tasks; the sines and cosines would otherwise cost as much as
-// the rotation itself at small head counts.
+// The cos/sin rows of positions (1, T) into out (2, 1, T, R): cos rows, then sin rows, the layout
+// of a rotary_fwd table.
 template <typename C>
-std::tuple<at::Tensor, at::Tensor> run_positions(const at::Tensor& q, const at::Tensor& k, int64_t r,
-                                                 const Angles<C>& an, bool interleaved, bool backward) {
-  if (an.position_batches != 1 || q.size(0) <= 1 || r == 0) return run(q, k, r, an, interleaved, backward);
-  const int64_t t_len = q.size(2);
-  auto tab = at::empty({2, 1, t_len, r}, q.options().dtype(rotary_angle_dtype(q)));
-  C* out = tab.data_ptr<C>();
+void fill_table(const Angles<C>& an, int64_t t_len, int64_t r, bool interleaved, C* out) {
   const int64_t blocks = (t_len + kTB - 1) / kTB;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<C> buf(2 * kTB * r);
@@ -213,11 +207,35 @@ std::tuple<at::Tensor, at::Tensor> run_positions(const at::Tensor& q, const at::
       std::memcpy(out + (t_len + t0) * r, s, n * r * sizeof(C));
     }
   });
+}
+
+// One set of positions for a whole batch (training, a prompt): its table is made once, here,
+// rather than by every batch row's tasks; the sines and cosines would otherwise cost as much as
+// the rotation itself at small head counts.
+template <typename C>
+std::tuple<at::Tensor, at::Tensor> run_positions(const at::Tensor& q, const at::Tensor& k, int64_t r,
+                                                 const Angles<C>& an, bool interleaved, bool backward) {
+  if (an.position_batches != 1 || q.size(0) <= 1 || r == 0) return run(q, k, r, an, interleaved, backward);
+  const int64_t t_len = q.size(2);
+  auto tab = at::empty({2, 1, t_len, r}, q.options().dtype(rotary_angle_dtype(q)));
+  C* out = tab.data_ptr<C>();
+  fill_table(an, t_len, r, interleaved, out);
   Angles<C> table;
   table.cos = out;
   table.sin = out + t_len * r;
   table.table_batches = 1;
   return run(q, k, r, table, interleaved, backward);
+}
+
+// theta ** (-2i / R), as transformers' inv_freq, but in double.
+template <typename C>
+Angles<C> position_angles(const at::Tensor& positions, double theta, int64_t rotary_dim) {
+  Angles<C> an;
+  an.positions = positions.data_ptr<int64_t>();
+  an.position_batches = positions.size(0);
+  for (int64_t i = 0; i < rotary_dim / 2; ++i)
+    an.inv_freq.push_back(std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(rotary_dim)));
+  return an;
 }
 
 }  // namespace
@@ -240,21 +258,24 @@ std::tuple<at::Tensor, at::Tensor> rotary_pos_fwd_cpu(const at::Tensor& q, const
                                                       bool interleaved, bool backward) {
   check_rotary_qk("rotary_pos_fwd", q, k, at::kCPU);
   check_rotary_positions(q, positions, theta, rotary_dim, at::kCPU);
-  auto fill = [&](auto& an) {
-    an.positions = positions.data_ptr<int64_t>();
-    an.position_batches = positions.size(0);
-    // theta ** (-2i / R), as transformers' inv_freq, but in double.
-    for (int64_t i = 0; i < rotary_dim / 2; ++i)
-      an.inv_freq.push_back(std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(rotary_dim)));
-  };
   if (q.scalar_type() == at::kDouble) {
-    Angles<double> an;
-    fill(an);
-    return run_positions(q, k, rotary_dim, an, interleaved, backward);
+    return run_positions(q, k, rotary_dim, position_angles<double>(positions, theta, rotary_dim), interleaved,
+                         backward);
   }
-  Angles<float> an;
-  fill(an);
-  return run_positions(q, k, rotary_dim, an, interleaved, backward);
+  return run_positions(q, k, rotary_dim, position_angles<float>(positions, theta, rotary_dim), interleaved, backward);
+}
+
+at::Tensor rotary_pos_table_cpu(const at::Tensor& positions, double theta, int64_t rotary_dim) {
+  TORCH_CHECK(positions.device().is_cpu() && positions.dim() == 2 && positions.size(0) == 1 &&
+                  positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "rotary_pos_table: positions must be a contiguous (1, T) int64 CPU tensor");
+  TORCH_CHECK(theta > 0 && rotary_dim >= 0 && rotary_dim % 2 == 0, "rotary_pos_table: theta must be positive and ",
+              "rotary_dim even, got ", theta, " and ", rotary_dim);
+  const int64_t t_len = positions.size(1);
+  auto tab = at::empty({2, 1, t_len, rotary_dim}, positions.options().dtype(at::kFloat));
+  if (rotary_dim > 0) fill_table(position_angles<float>(positions, theta, rotary_dim), t_len, rotary_dim, false,
+                                 tab.data_ptr<float>());
+  return tab;
 }
 
 }  // namespace fastlm
