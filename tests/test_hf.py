@@ -418,3 +418,25 @@ def test_the_benchmark_measures_a_patched_step_at_the_shape_it_is_given():
     assert set(r) == {"train_tokens_per_s", "train_step_s", "train_peak_bytes", "swapped", "params"}
     assert r["train_tokens_per_s"] == pytest.approx(16 / r["train_step_s"])
     assert r["swapped"] == COUNTS["llama"]  # the quick model has 2 layers
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2 here ties its head to the embedding
+def test_quantized_patched_model_integer_path_near_its_float_path(family):
+    """fastlm.quantize_ on a patched transformers model: every Linear (a tied head excepted) a
+    QuantLinear; the CPU integer path (act_quant) within the activations' rounding of the exact
+    float path over the same int4 weights, and generate() runs on it."""
+    if fastlm.backends.why_unavailable("cpu", "cpu") is not None:
+        pytest.skip(fastlm.backends.why_unavailable("cpu", "cpu"))
+    ids, mask = batch()
+    exact = fastlm.quantize_(fastlm.patch(build(family).eval()), bits=4, group_size=32)
+    fast = fastlm.quantize_(fastlm.patch(build(family).eval()), bits=4, group_size=32, act_quant=True)
+    quantized = [m for m in fast.modules() if isinstance(m, fastlm.nn.QuantLinear)]
+    assert len(quantized) == 2 * 7 + (family != "qwen2")
+    left = [name for name, m in fast.named_modules() if type(m) is torch.nn.Linear]
+    assert left == (["lm_head"] if family == "qwen2" else [])
+    with torch.no_grad():
+        want, got = outputs(exact, family, ids, mask), outputs(fast, family, ids, mask)
+    err = ((got - want).norm() / want.norm()).item()
+    assert 0 < err < 0.03
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 14) and torch.equal(out[:, :10], ids)
