@@ -197,7 +197,7 @@ def _decode_blocks(blocks, x: Tensor, residual: Tensor | None, caches) -> tuple[
     the modules run as usual."""
     if (x.dim() != 3 or x.shape[1] != 1 or not x.is_cpu or x.dtype != torch.float32 or torch.is_grad_enabled()
             or (residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape))
-            or torch.compiler.is_compiling() or backends.choose("decode_block", x.device) != "cpu"):
+            or torch.compiler.is_compiling() or backends.choose("decode_blocks", x.device) != "cpu"):
         return None
     parts = [_fusable(block, cache) for block, cache in zip(blocks, caches)]
     if not parts or any(p is None for p in parts) or any(p[0] != parts[0][0] for p in parts):

@@ -107,7 +107,7 @@ ops = sorted({s.name for s in schemas})
 assert "fastlm_C::norm_fwd" in ops, f"fastlm_C::norm_fwd not registered (found {ops})"
 # The CPU integer-dot path has no CUDA kernel by design (the GPU kernels keep their float path),
 # nor has the decode block built on it.
-CPU_ONLY = {"fastlm_C::quant_matmul_dot", "fastlm_C::decode_block"}
+CPU_ONLY = {"fastlm_C::quant_matmul_dot", "fastlm_C::decode_blocks"}
 
 
 def composite(op):
