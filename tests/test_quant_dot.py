@@ -23,6 +23,7 @@ WEIGHTS = [(8, 96, None, True, torch.float32), (8, 512, None, True, torch.bfloat
 WEIGHTS += [(4, k, g, sym, torch.float32) for k in (96, 256, 384) for g in (32, 64, 128) if k % g == 0
             for sym in (True, False)]
 WEIGHTS += [(4, 256, 32, True, torch.bfloat16), (4, 256, 128, False, torch.float16)]
+WEIGHTS += [(4, 160, 32, sym, torch.float32) for sym in (True, False)]  # K / 32 = 5: a run of 4 blocks and one
 MS = (1, 2, 3, 4, 5, 8, 12, 17, 25, 64)  # 512-bit: 12 a padded group of 16, 25 one of 16 and one of 8
 
 

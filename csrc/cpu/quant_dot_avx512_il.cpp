@@ -5,9 +5,9 @@
 // (8) rows where rows_int4_nb / rows_int8_nb spend them per row.
 //
 // Weight rows are unpacked first, NB at a time, into bytes of the operand that vpdpbusd takes
-// unsigned: int4 as stored (0..15; a block's low nibbles, then its high ones), int8 with the top
-// bit flipped (w + 128); their scales and zeros widened to float. The offsets (8 or
-// 128 times x's block sums) come off in int32, by starting each block's sums at them.
+// unsigned: int4 as stored (0..15; four blocks' low nibbles, then their high ones), int8 with
+// the top bit flipped (w + 128); their scales and zeros widened to float. The offsets (8 or 128
+// times x's block sums) come off in int32, by starting each block's sums at them.
 //
 // Why 16 rows: on an AMD EPYC (Zen 4, 2 vCPUs) a loop of these steps with 8 rows per 256-bit
 // vpdpbusd was bound by its loads (a broadcast for every 32 products; the machine took ~0.6 ns
@@ -86,16 +86,22 @@ QD_TARGET void widen(const void* src, int64_t i, int64_t count, ScaleType t, flo
 }
 
 // Where block b of row r of NB unpacked weight rows starts: blocks in runs of 4 per row (128
-// bytes), the NB rows' runs one after another, so that the kernel walks them with one pointer
-// and a 64-byte store writes two blocks.
+// bytes), the NB rows' runs one after another, so that the kernel walks them with one pointer.
+// int8: a block's 32 bytes, so that a 64-byte store writes two blocks. int4: the run's 4 x 16 low
+// nibbles, then its 4 x 16 high ones, as one load of packed weights splits into them (no
+// shuffle): block b's low nibbles at block_at + (b & 3) * 16, its high ones 64 bytes on.
 template <int NB>
 inline int64_t block_at(int64_t b, int r) {
   return (((b >> 2) * NB + r) * 4 + (b & 3)) * 32;
 }
 
-// Row r of NB weight rows into the unsigned bytes of the header comment (int4: a block's 16 low
-// nibbles, then its 16 high ones; int8: its 32 bytes) at block_at; its scales and zeros (if any)
-// into float.
+template <int NB>
+inline int64_t nibbles_at(int64_t b, int r) {
+  return block_at<NB>(b & ~int64_t{3}, r) + (b & 3) * 16;
+}
+
+// Row r of NB weight rows into the unsigned bytes of the header comment (int4: as stored, 0..15;
+// int8: the top bit flipped) at block_at / nibbles_at; its scales and zeros (if any) into float.
 template <int BITS, int NB>
 QD_TARGET void unpack_row(const Problem& p, int64_t n, int r, uint8_t* u, float* s, float* z) {
   const uint8_t* w = p.w + n * p.row_bytes;
@@ -111,22 +117,19 @@ QD_TARGET void unpack_row(const Problem& p, int64_t n, int r, uint8_t* u, float*
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + block_at<NB>(b, r)), f);
     }
   } else {
-    // Four blocks a load; each 128-bit lane j of lo and hi is block j's low and high nibbles.
+    // Four blocks a load: 128-bit lane j of lo and hi is block j's low and high nibbles.
     const __m512i low = _mm512_set1_epi8(15);
-    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);  // blocks 0, 1: [lo | hi] each
-    const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     for (; b + 4 <= nb; b += 4) {
       const __m512i v = _mm512_loadu_si512(w + b * 16);
-      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      uint8_t* o = u + block_at<NB>(b, r);
-      _mm512_storeu_si512(o, _mm512_permutex2var_epi64(lo, first, hi));
-      _mm512_storeu_si512(o + 64, _mm512_permutex2var_epi64(lo, second, hi));
+      uint8_t* o = u + nibbles_at<NB>(b, r);
+      _mm512_storeu_si512(o, _mm512_and_si512(v, low));
+      _mm512_storeu_si512(o + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
     }
     for (; b < nb; ++b) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16)), l4 = _mm_set1_epi8(15);
-      uint8_t* o = u + block_at<NB>(b, r);
+      uint8_t* o = u + nibbles_at<NB>(b, r);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_and_si128(v, l4));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_and_si128(_mm_srli_epi16(v, 4), l4));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 64), _mm_and_si128(_mm_srli_epi16(v, 4), l4));
     }
   }
   widen(p.scales, n * p.groups, p.groups, p.scale_type, s);
@@ -152,7 +155,7 @@ QD_TARGET void rows_il_nb(const Problem& p, int64_t n, int64_t m0, const uint8_t
   typename v::F acc[NB];
   for (int r = 0; r < NB; ++r) acc[r] = v::zerof();
   for (int64_t b = 0; b < nb; ++b, xb += 32 * R) {
-    const uint8_t* ub = u + block_at<NB>(b, 0);
+    const uint8_t* ub = u + (BITS == 8 ? block_at<NB>(b, 0) : nibbles_at<NB>(b, 0));
     const typename v::I sq = v::load(sg + b * R);
     const typename v::I off = BITS == 8 ? v::neg_shl(sq, 7) : Z ? v::zero() : v::neg_shl(sq, 3);
     // The NB rows after these, which the next unpack reads from memory: a line every 64 / (32 or
@@ -173,7 +176,7 @@ QD_TARGET void rows_il_nb(const Problem& p, int64_t n, int64_t m0, const uint8_t
       for (int r = 0; r < NB; ++r) {
         const uint8_t* we = ub + r * 128 + (BITS == 8 ? t * 8 : t * 4);
         e[r] = v::dot(e[r], v::set1(word(we)), xe);
-        o[r] = v::dot(o[r], v::set1(word(we + (BITS == 8 ? 4 : 16))), xo);
+        o[r] = v::dot(o[r], v::set1(word(we + (BITS == 8 ? 4 : 64))), xo);
       }
     }
     const typename v::F d = v::loadf(dg + b * R);
