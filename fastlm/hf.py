@@ -85,6 +85,26 @@ def is_transformers_model(model: object) -> bool:
     return tf is not None and isinstance(model, tf.PreTrainedModel)
 
 
+def untie(model: torch.nn.Module, names: list[str]) -> None:
+    """The layers `names` of transformers model `model`, tied to its input embedding until
+    fastlm.quantize_(quantize_tied=True) made them QuantLinears, are no longer tied: the config
+    says so, so that transformers' tie_weights (an explicit call, from_pretrained, a resize) leaves
+    them alone instead of setting a float weight on them, and a saved config matches the weights."""
+    for prefix, sub in model.named_modules():
+        if not is_transformers_model(sub):
+            continue
+        ours = [n[len(prefix) + 1:] if prefix else n for n in names if not prefix or n.startswith(prefix + ".")]
+        if not ours:
+            continue
+        keys = getattr(sub, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            for n in ours:
+                keys.pop(f"{n}.weight", None)
+        for cfg in {id(c): c for c in (sub.config, sub.config.get_text_config())}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+
+
 def patch_report(model: torch.nn.Module) -> dict:
     """What patch swapped in `model`, per kind, or {} when it is not patched."""
     state = getattr(model, _STATE, None)

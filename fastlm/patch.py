@@ -64,7 +64,8 @@ def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symm
 
     skip(name, module) -> True leaves that layer alone. A Linear whose weight is the very
     Parameter of an nn.Embedding (a tied LM head) is left unquantized unless quantize_tied:
-    quantizing it would untie the pair and keep a float copy for the embedding anyway.
+    quantizing it would untie the pair and keep a float copy for the embedding anyway (a
+    transformers model's config then says so: fastlm.hf.untie).
     A layer whose in_features does not fit the format raises ValueError naming it (use skip).
     act_quant and scale_dtype are QuantLinear's: the CPU integer path (inputs quantized to int8
     per block of 32) and 16-bit scales (fastlm/quant.py).
@@ -90,6 +91,9 @@ def quantize_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symm
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, nn.QuantLinear.from_linear(mod, **kw))
+    untied = [name for name, mod in targets if id(mod.weight) in tied]
+    if untied and hf.is_transformers_model(model):
+        hf.untie(model, untied)
     if quantize_tied:
         _quantize_tied_head(model, kw)
     return model

@@ -440,3 +440,16 @@ def test_quantized_patched_model_integer_path_near_its_float_path(family):
     assert 0 < err < 0.03
     out = fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 14) and torch.equal(out[:, :10], ids)
+
+
+def test_quantized_tied_head_stays_untied():
+    """quantize_tied on a transformers model whose head is tied (Qwen2 here): the config no longer
+    ties them, so transformers' tie_weights leaves the QuantLinear alone, and generate() runs."""
+    model = fastlm.quantize_(fastlm.patch(build("qwen2").eval()), bits=4, group_size=32, act_quant=True,
+                             quantize_tied=True)
+    assert type(model.lm_head) is fastlm.nn.QuantLinear and not model.config.tie_word_embeddings
+    model.tie_weights()
+    assert type(model.lm_head) is fastlm.nn.QuantLinear and model.model.embed_tokens.weight.dtype == torch.float32
+    ids, mask = batch()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 13) and torch.equal(out[:, :10], ids)
