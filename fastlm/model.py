@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +162,15 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
 
-def _fusable(block: Block, cache: KVCache) -> tuple | None:
+class _Fusable(NamedTuple):
+    shared: tuple  # (eps, n_head, n_kv_head, head_dim, theta, position): one for every block of a call
+    norm1: Tensor
+    norm2: Tensor
+    linears: tuple  # qkv, proj, gate, up, down
+    cache: KVCache
+
+
+def _fusable(block: Block, cache: KVCache) -> _Fusable | None:
     """The parts of `block` that the fused decode call takes, when it is the quantized Llama block
     (RMSNorm, rotary attention, SwiGLU; every projection a QuantLinear with act_quant and no bias)
     in inference with no hooks, and its cache has room; None otherwise."""
@@ -184,9 +193,8 @@ def _fusable(block: Block, cache: KVCache) -> tuple | None:
             or cache.seqlens.dtype != torch.int32 or cache.longest >= cache.max_len  # the modules say why
             or _hooked(block, attn, mlp, n1, n2, rotary, *linears)):
         return None
-    # Blocks of one call share these.
-    shared = (n1.eps, attn.n_head, attn.n_kv_head, attn.head_dim, rotary.theta, cache.longest)
-    return shared, w1, w2, linears, cache
+    return _Fusable((n1.eps, attn.n_head, attn.n_kv_head, attn.head_dim, rotary.theta, cache.longest), w1, w2,
+                    linears, cache)
 
 
 def _decode_blocks(blocks, x: Tensor, residual: Tensor | None, caches) -> tuple[Tensor, Tensor] | None:
@@ -200,20 +208,20 @@ def _decode_blocks(blocks, x: Tensor, residual: Tensor | None, caches) -> tuple[
             or torch.compiler.is_compiling() or backends.choose("decode_blocks", x.device) != "cpu"):
         return None
     parts = [_fusable(block, cache) for block, cache in zip(blocks, caches)]
-    if not parts or any(p is None for p in parts) or any(p[0] != parts[0][0] for p in parts):
+    if not parts or any(p is None or p.shared != parts[0].shared for p in parts):
         return None
-    (eps, n_head, n_kv_head, head_dim, theta, position), *_ = parts[0]
-    linears = [lin for p in parts for lin in p[3]]
+    eps, n_head, n_kv_head, head_dim, theta, position = parts[0].shared
+    linears = [lin for p in parts for lin in p.linears]
     bufs = [lin._buffers for lin in linears]
+    kv = [p.cache for p in parts]
     out, h = torch.ops.fastlm_C.decode_blocks(
-        x.contiguous(), None if residual is None else residual.contiguous(), [p[1] for p in parts],
-        [p[2] for p in parts], _rms_eps(eps, x),  # the modules' rule for eps=None
+        x.contiguous(), None if residual is None else residual.contiguous(), [p.norm1 for p in parts],
+        [p.norm2 for p in parts], _rms_eps(eps, x),  # the modules' rule for eps=None
         [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
-        [lin.bits for lin in linears], [lin.group_size for lin in linears], [p[4].k for p in parts],
-        [p[4].v for p in parts], [p[4].seqlens for p in parts], position, n_head, n_kv_head, theta,
-        1.0 / math.sqrt(head_dim))
-    for p in parts:
-        p[4].longest += 1
+        [lin.bits for lin in linears], [lin.group_size for lin in linears], [c.k for c in kv],
+        [c.v for c in kv], [c.seqlens for c in kv], position, n_head, n_kv_head, theta, 1.0 / math.sqrt(head_dim))
+    for c in kv:
+        c.longest += 1
     return out, h
 
 
