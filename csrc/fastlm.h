@@ -148,7 +148,8 @@ at::Tensor rotary_pos_table_cpu(const at::Tensor& positions, double theta, int64
 // cache_seqlens[l] (B) int32, all equal to position, advanced by one; decode attention (scale),
 // proj; h += that, y = rms_norm(h) * norm2[l]; x = down(silu(gate(y)) * up(y)), residual = h. The
 // five projections of block l (qkv, proj, gate, up, down) are entries 5 l .. 5 l + 4 of the
-// quant_matmul_dot weight lists, without bias. Every block is checked before the first runs.
+// quant_matmul_dot weight lists, without bias; or seven, 7 l .. 7 l + 6, with q, k and v apart
+// (a transformers attention's q_proj, k_proj, v_proj). Every block is checked before the first runs.
 // Returns the last block's (mlp out, h), both (B, 1, C).
 std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
     const at::Tensor& x, const OptTensor& residual, at::TensorList norm1, at::TensorList norm2, double eps,

@@ -50,6 +50,10 @@ What is swapped, and through which transformers extension point:
   then has `logits=None` while grad mode is on (training); under torch.no_grad the full logits are
   computed as well, for evaluation loops that read them.
 - nn.Embedding becomes fastlm.nn.Embedding.
+- the decoder stack of a Llama / Mistral (its base model's forward, shadowed like the layers'):
+  once quantize_(..., act_quant=True) has made every projection an integer-dot QuantLinear, a CPU
+  decode step runs all decoder layers in one kernel call (fastlm.hf_decode, which says what it
+  covers); every other call is transformers' forward.
 
 A model whose family is not covered is left entirely alone (nothing swapped) and reported with a
 warning; so is a covered family's model whose config asks for something these paths do not do
@@ -69,7 +73,7 @@ from collections import Counter
 
 import torch
 
-from fastlm import ops
+from fastlm import hf_decode, ops
 
 ATTENTION = "fastlm"
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert", "roberta")
@@ -279,6 +283,17 @@ def _unsupported(model) -> str | None:
     return None
 
 
+def _decoder_stack(model):
+    """The Llama / Mistral base model (LlamaModel) of model, whose decode steps hf_decode may run
+    as one call, or None."""
+    if model.config.model_type not in ("llama", "mistral"):
+        return None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    ok = isinstance(base, torch.nn.Module) and "forward" not in base.__dict__ \
+        and all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+    return base if ok else None
+
+
 # --- the causal-LM loss -------------------------------------------------------------------------
 
 
@@ -363,6 +378,11 @@ def patch(model: torch.nn.Module, swaps: dict[type, type]) -> torch.nn.Module:
             classes.append((m, type(m)))
             m.__class__ = fast
             report[re.sub(r"(?<!^)(?=[A-Z])", "_", fast.__name__).lower()] += 1
+    base = _decoder_stack(model)
+    if base is not None:
+        base.forward = functools.partial(hf_decode.base_forward, base)
+        layers.append(base)
+        report["decode_stack"] = 1
     if _has_fusable_head(model):
         forward = functools.partial(_lm_forward, model)
         # generate() and Trainer read the forward's signature (attention_mask, position_ids,

@@ -5,6 +5,7 @@ the dequantized weights, bit for bit against the modules it stands for, and only
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -218,3 +219,62 @@ def test_raw_op_errors():
     with pytest.raises(RuntimeError, match=r"decode_blocks: block 1's cache_seqlens\[0\] = 3 but position is 1"):
         call(position=1, lens=torch.full((2,), 3, dtype=torch.int32))
     assert torch.equal(caches[0].k, k0) and torch.equal(caches[0].seqlens, lens0)
+
+
+def _apart(qkv, hq=4, hk=2, d=96):
+    """q, k and v of a fused qkv QuantLinear as three weights (row slices), as a transformers
+    attention holds them."""
+    cuts = (0, hq * d, (hq + hk) * d, (hq + 2 * hk) * d)
+    return [SimpleNamespace(qweight=qkv.qweight[a:b], scales=qkv.scales[a:b], bits=qkv.bits, group_size=qkv.group_size,
+                            zeros=None if qkv.zeros is None else qkv.zeros[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64-asym-bf16"])
+def test_q_k_v_apart_give_the_same_bits(fmt):
+    """Seven weights per block (q, k, v apart) decode as five (qkv fused)."""
+    model = llama(**FORMATS[fmt])
+    blocks = model.blocks[:2]
+    x = torch.randn(4, 3, 1, 384, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for apart in (False, True):
+        caches = [blk.attn.new_cache(3, 8) for blk in blocks]
+        lins = []
+        for blk in blocks:
+            lins += (_apart(blk.attn.qkv) if apart else [blk.attn.qkv])
+            lins += [blk.attn.proj, blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj]
+        outs = []
+        for position in range(4):
+            outs += torch.ops.fastlm_C.decode_blocks(
+                x[position], None, [blk.norm1.weight for blk in blocks], [blk.norm2.weight for blk in blocks],
+                1e-5, [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins],
+                [m.bits for m in lins], [m.group_size for m in lins], [c.k for c in caches], [c.v for c in caches],
+                [c.seqlens for c in caches], position, 4, 2, 10000.0, 96 ** -0.5)
+        runs.append((outs, caches))
+    # Not to the bit: which rows a matmul's kernels take together (and so the order of their
+    # float sums) depends on its number of rows.
+    (o1, c1), (o2, c2) = runs
+    for a, b in zip(o1, o2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(c1, c2, strict=True):
+        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
+
+
+def test_q_k_v_apart_are_checked():
+    model = llama()
+    blk = model.blocks[0]
+    cache = blk.attn.new_cache(1, 4)
+    q, k, v = _apart(blk.attn.qkv)
+    lins = [q, v, k, blk.attn.proj, blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj]
+    lins[1] = SimpleNamespace(**{**vars(v), "qweight": v.qweight[:96], "scales": v.scales[:96]})
+    with pytest.raises(RuntimeError, match="decode_blocks: block 0's k projection must be 384 -> 192"):
+        torch.ops.fastlm_C.decode_blocks(
+            torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
+            [m.scales for m in lins], [m.zeros for m in lins], [m.bits for m in lins], [m.group_size for m in lins],
+            [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5)
+    with pytest.raises(RuntimeError, match="or 7 \\(q, k, v, proj, gate, up, down\\)"):
+        torch.ops.fastlm_C.decode_blocks(
+            torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins[:6]],
+            [m.scales for m in lins[:6]], [m.zeros for m in lins[:6]], [m.bits for m in lins[:6]],
+            [m.group_size for m in lins[:6]], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5)

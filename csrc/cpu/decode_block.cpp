@@ -1,6 +1,6 @@
 // Pre-norm Llama blocks (RMSNorm, rotary attention against a KV cache, SwiGLU MLP, every
 // projection a quantized integer-dot linear) for one new token per sequence: a stack of them in
-// one call.
+// one call. q, k and v come from one projection (fastlm's model) or three (a transformers Llama).
 //
 // It runs the very kernels the modules run (norm_fwd, quant_matmul_dot, rotary_pos_fwd,
 // decode_attention, silu_mul_fwd), in their order and on the same inputs, so its results are the
@@ -29,21 +29,26 @@ namespace fastlm {
 namespace {
 
 constexpr int kLinears = 5;  // qkv, proj, gate, up, down
+constexpr int kSplit = 7;    // q, k, v, proj, gate, up, down (a transformers attention's three projections)
 
-// Block l's five projections: entries 5 l .. 5 l + 4 of the lists.
+// Block l's projections: entries per * l .. per * l + per - 1 of the lists, per = kLinears or
+// kSplit. Linear i is numbered as in the fused layout (0 qkv .. 4 down).
 struct Linears {
   at::TensorList q, s;
   const c10::List<std::optional<at::Tensor>>& z;
   at::IntArrayRef bits, group;
   int64_t first;
+  int per;
 
-  // The pool's helpers stay awake for the linears `next` (of this block; kLinears: the next
-  // block's qkv, when there is one) and read ahead their weights.
-  void prepare(std::initializer_list<int> next) const {
+  // The list entry of linear i (kLinears: the next block's first); with q, k, v split, qkv is
+  // entries 0-2 and the rest move up by two.
+  int64_t entry(int i) const { return first + (per == kSplit && i > 0 ? i + 2 : i); }
+
+  // The pool's helpers stay awake for the entries `next` and read ahead their weights.
+  void prepare_entries(std::initializer_list<int64_t> next) const {
     pool::Range r[pool::kMaxRanges];
     int n = 0;
-    for (int i : next) {
-      const int64_t j = first + i;
+    for (int64_t j : next) {
       if (j >= static_cast<int64_t>(q.size())) continue;
       r[n++] = {q[j].data_ptr(), static_cast<int64_t>(q[j].nbytes())};
       r[n++] = {s[j].data_ptr(), static_cast<int64_t>(s[j].nbytes())};
@@ -51,10 +56,25 @@ struct Linears {
     pool::prepare(r, n);
   }
 
-  at::Tensor operator()(int i, const at::Tensor& x) const {
-    const int64_t j = first + i;
+  // ... for linear `next` of this block (kLinears: the next block's qkv, when there is one).
+  void prepare(int next) const { prepare_entries({entry(next)}); }
+
+  at::Tensor matmul(int64_t j, const at::Tensor& x) const {
     const std::optional<at::Tensor> zj = z.get(j);
     return quant_matmul_dot_cpu(x, q[j], s[j], zj, std::nullopt, bits[j], group[j]);
+  }
+
+  at::Tensor operator()(int i, const at::Tensor& x) const { return matmul(entry(i), x); }
+
+  // q, k and v of x side by side, (B, (Hq + 2 Hk) D).
+  at::Tensor qkv(const at::Tensor& x) const {
+    if (per == kLinears) return matmul(first, x);
+    const at::Tensor q = matmul(first, x);
+    prepare_entries({first + 1});
+    const at::Tensor k = matmul(first + 1, x);
+    prepare_entries({first + 2});
+    const at::Tensor v = matmul(first + 2, x);
+    return at::cat({q, k, v}, 1);
   }
 };
 
@@ -72,21 +92,24 @@ void check_block(const char* op, int64_t l, const Shape& sh, const at::Tensor& n
     TORCH_CHECK(w->device().is_cpu() && w->scalar_type() == at::kFloat && w->dim() == 1 && w->size(0) == C, op,
                 ": block ", l, "'s norm weights must be float32 CPU tensors of shape (", C, ")");
   }
-  const char* names[kLinears] = {"qkv", "proj", "gate", "up", "down"};
-  for (int i = 0; i < kLinears; ++i) {
+  const char* fused[kLinears] = {"qkv", "proj", "gate", "up", "down"};
+  const char* split[kSplit] = {"q", "k", "v", "proj", "gate", "up", "down"};
+  const char* const* names = lin.per == kSplit ? split : fused;
+  for (int i = 0; i < lin.per; ++i) {
     TORCH_CHECK(lin.q[lin.first + i].dim() == 2, op, ": block ", l, "'s ", names[i], " qweight must be 2-D, got ",
                 lin.q[lin.first + i].sizes());
   }
-  const int64_t hidden = lin.q[lin.first + 2].size(0);
-  const int64_t outs[kLinears] = {(Hq + 2 * Hk) * D, C, hidden, hidden, C};
-  const int64_t ins[kLinears] = {C, C, C, C, hidden};
-  for (int i = 0; i < kLinears; ++i) {
+  const int64_t hidden = lin.q[lin.entry(2)].size(0);
+  const int64_t fused_outs[kLinears] = {(Hq + 2 * Hk) * D, C, hidden, hidden, C};
+  const int64_t split_outs[kSplit] = {Hq * D, Hk * D, Hk * D, C, hidden, hidden, C};
+  const int64_t* outs = lin.per == kSplit ? split_outs : fused_outs;
+  for (int i = 0; i < lin.per; ++i) {
     const at::Tensor& q = lin.q[lin.first + i];
     const int64_t bits = lin.bits[lin.first + i];
-    TORCH_CHECK(q.size(0) == outs[i] && (bits == 4 || bits == 8) &&
-                    q.size(1) * (bits == 4 ? 2 : 1) == ins[i],
-                op, ": block ", l, "'s ", names[i], " projection must be ", ins[i], " -> ", outs[i], " (",
-                bits, "-bit qweight of shape (", outs[i], ", ", bits == 4 ? ins[i] / 2 : ins[i], ")), got qweight ",
+    const int64_t in = i == lin.per - 1 ? hidden : C;  // down takes the hidden width, the rest C
+    TORCH_CHECK(q.size(0) == outs[i] && (bits == 4 || bits == 8) && q.size(1) * (bits == 4 ? 2 : 1) == in,
+                op, ": block ", l, "'s ", names[i], " projection must be ", in, " -> ", outs[i], " (",
+                bits, "-bit qweight of shape (", outs[i], ", ", bits == 4 ? in / 2 : in, ")), got qweight ",
                 q.sizes());
   }
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hk && k_cache.size(3) == D &&
@@ -122,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
   if (!present(r2)) h = x2;
 
   // Attention: q, k, v of the new token, rotated to `position`, k and v into the cache.
-  const at::Tensor qkv = linear(0, y);
-  linear.prepare({1});
+  const at::Tensor qkv = linear.qkv(y);
+  linear.prepare(1);
   const auto heads = [&](int64_t first, int64_t count) {
     return qkv.narrow(1, first * D, count * D).view({B, 1, count, D}).transpose(1, 2);
   };
@@ -145,15 +168,15 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
   }
   const at::Tensor att = decode_attention_cpu(q, k_cache, v_cache, cache_seqlens, scale);
   const at::Tensor o = linear(1, att.transpose(1, 2).reshape({B, C}));
-  linear.prepare({2});
+  linear.prepare(2);
 
   // h = h + attn; y = rms_norm(h); mlp = down(silu(gate(y)) * up(y))
   auto [y2, h2, unused_mean2, unused_rstd2] = norm_fwd_cpu(o, norm2, std::nullopt, h, eps, /*rms=*/true);
   const at::Tensor gate = linear(2, y2), up = linear(3, y2);
-  linear.prepare({4});
+  linear.prepare(4);
   const at::Tensor a = silu_mul_fwd_cpu(gate, up);
   at::Tensor out = linear(4, a);
-  linear.prepare({kLinears});  // the next block's first matmul
+  linear.prepare(kLinears);  // the next block's first matmul
   return {out, h2};
 }
 
@@ -179,20 +202,25 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
   TORCH_CHECK(L >= 1 && n(norm2) == L && n(k_caches) == L && n(v_caches) == L && n(cache_seqlens) == L, op,
               ": norm1, norm2, k_caches, v_caches and cache_seqlens must hold one entry per block (at least one), got ",
               L, ", ", n(norm2), ", ", n(k_caches), ", ", n(v_caches), " and ", n(cache_seqlens));
-  TORCH_CHECK(n(qweights) == kLinears * L && n(scales) == kLinears * L && n(zeros) == kLinears * L &&
-                  n(bits) == kLinears * L && n(group_sizes) == kLinears * L,
+  const int64_t per = n(qweights) / L;
+  TORCH_CHECK((per == kLinears || per == kSplit) && n(qweights) == per * L && n(scales) == per * L &&
+                  n(zeros) == per * L && n(bits) == per * L && n(group_sizes) == per * L,
               op, ": qweights, scales, zeros, bits and group_sizes must hold ", kLinears,
-              " entries per block (qkv, proj, gate, up, down), ", kLinears * L, " for ", L, " blocks");
+              " entries per block (qkv, proj, gate, up, down) or ", kSplit, " (q, k, v, proj, gate, up, down): ",
+              kLinears * L, " or ", kSplit * L, " for ", L, " blocks, got ", n(qweights), ", ", n(scales), ", ",
+              n(zeros), ", ", n(bits), " and ", n(group_sizes));
   const int64_t B = x.size(0), C = x.size(2);
   TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0 && C % n_head == 0, op, ": n_head ", n_head,
               " must divide C = ", C, " and be a multiple of n_kv_head ", n_kv_head);
   const Shape sh{B, C, n_head, n_kv_head, C / n_head};
-  const auto linears = [&](int64_t l) { return Linears{qweights, scales, zeros, bits, group_sizes, kLinears * l}; };
+  const auto linears = [&](int64_t l) {
+    return Linears{qweights, scales, zeros, bits, group_sizes, per * l, static_cast<int>(per)};
+  };
   for (int64_t l = 0; l < L; ++l) {
     check_block(op, l, sh, norm1[l], norm2[l], linears(l), k_caches[l], v_caches[l], cache_seqlens[l], position);
   }
 
-  linears(0).prepare({0});
+  linears(0).prepare(0);
   // The angles of `position`, made once for every block (and the batch): the same float32 rows
   // rotary_pos_fwd makes, so the same bits.
   const at::Tensor table = rotary_pos_table_cpu(at::full({1, 1}, position, x.options().dtype(at::kLong)), theta, sh.D);

@@ -1,0 +1,173 @@
+"""A transformers Llama / Mistral decoding on the CPU with every decoder layer in one kernel call.
+
+After `fastlm.patch(model)` and `fastlm.quantize_(model, ..., act_quant=True)`, a decode step of
+generate() (one new token per sequence, transformers' default DynamicCache) runs the whole stack of
+decoder layers as torch.ops.fastlm_C.decode_blocks, the call fastlm's own Transformer decodes with
+(csrc/cpu/decode_block.cpp): the same integer-dot matmuls, norms, rotary and decode attention the
+patched layers run, without the ~20 module calls a layer makes from Python. At decode each kernel
+takes tens of microseconds, and that Python, run cold after every weight stream, cost as much as
+the kernels (a 0.65 B Llama on an Intel Xeon: ~half of a step).
+
+The base model's forward (LlamaModel) is shadowed on the instance, as patch shadows the layers',
+and every call that is not such a step, or that this path does not cover, goes to transformers'
+forward unchanged. Covered: LlamaDecoderLayer / MistralDecoderLayer with all seven projections
+act_quant QuantLinears without bias, float32 RMSNorms, SiLU, default rotary (no scaling), head_dim
+= hidden / heads, no hooks, inference (no grad, eval), no padding in the attention mask, and every
+cache layer a plain DynamicLayer (not a sliding window) holding float32 keys of the same length.
+
+The cache stays transformers' own: each layer's keys and values become views of a longer buffer,
+which the kernel writes the new position into, so nothing is concatenated per step; the buffer
+doubles when full. Anything that replaces those tensors (a transformers step, crop, beam reorder)
+is noticed by identity, and the next fused step copies them into a fresh buffer.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from fastlm import backends
+from fastlm.nn import QuantLinear
+
+_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
+_PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+# False: every step runs transformers' forward (the per-layer patched modules), as a yardstick.
+ENABLED = True
+
+# cache layer -> (k buffer, v buffer, seqlens (B,) int32, the keys view, the values view)
+_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _layer_parts(layer) -> tuple | None:
+    """(norm1, norm2, eps, the seven QuantLinears) of a covered decoder layer, else None."""
+    mods = layer._modules
+    attn, mlp = mods.get("self_attn"), mods.get("mlp")
+    n1, n2 = mods.get("input_layernorm"), mods.get("post_attention_layernorm")
+    if type(layer).__name__ not in _LAYERS or attn is None or mlp is None or n1 is None or n2 is None:
+        return None
+    linears = [(attn if owner == "self_attn" else mlp)._modules.get(name) for owner, name in _PROJ]
+    if not all(type(lin) is QuantLinear and lin.act_quant and lin._parameters.get("bias") is None
+               and lin.in_features % 32 == 0 and not _hooked(lin) for lin in linears):
+        return None
+    if type(mlp._modules.get("act_fn")).__name__ not in ("SiLUActivation", "SiLU"):
+        return None
+    w1, w2 = n1._parameters.get("weight"), n2._parameters.get("weight")
+    eps = getattr(n1, "variance_epsilon", None)
+    if (w1 is None or w2 is None or w1.dtype != torch.float32 or w2.dtype != torch.float32
+            or eps is None or eps != getattr(n2, "variance_epsilon", None)
+            or any(_hooked(m) for m in (layer, attn, mlp, n1, n2))):
+        return None
+    return w1, w2, float(eps), linears, attn
+
+
+def _rope_theta(base) -> float | None:
+    """theta of the base model's rotary embedding when it is the plain one fastlm's kernel makes."""
+    rot = getattr(base, "rotary_emb", None)
+    cfg = base.config
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if (rot is None or theta is None or getattr(rot, "rope_type", "default") != "default"
+            or getattr(rot, "attention_scaling", 1.0) != 1.0 or _hooked(rot)):
+        return None
+    inv = getattr(rot, "inv_freq", None)
+    d = cfg.hidden_size // cfg.num_attention_heads
+    want = 1.0 / (float(theta) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if inv is None or inv.shape != want.shape or not torch.allclose(inv.double(), want, rtol=1e-6, atol=0):
+        return None
+    return float(theta)
+
+
+def _kv(layer, batch: int, length: int) -> tuple:
+    """The buffers of a DynamicLayer holding `length` positions, with room for one more."""
+    keys, values = layer.keys, layer.values
+    entry = _BUFFERS.get(layer)
+    if entry is not None and entry[3] is keys and entry[4] is values and entry[0].shape[2] > length:
+        return entry
+    cap = max(2 * length, length + 64)
+    kb = keys.new_empty(keys.shape[0], keys.shape[1], cap, keys.shape[3])
+    vb = torch.empty_like(kb)
+    kb[:, :, :length] = keys
+    vb[:, :, :length] = values
+    entry = (kb, vb, torch.full((batch,), length, dtype=torch.int32), kb[:, :, :length], vb[:, :, :length])
+    _BUFFERS[layer] = entry
+    return entry
+
+
+def decode_step(base, args: tuple, kwargs: dict):
+    """The base model's output for this call through one decode_blocks call, or None when the call
+    is not a decode step this path covers (the caller then runs transformers' forward)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not ENABLED or torch.is_grad_enabled() or base.training or len(args) > 1 or torch.compiler.is_compiling():
+        return None
+    ids = args[0] if args else kwargs.get("input_ids")
+    cache_name = "cache" if "cache" in kwargs else "past_key_values"
+    cache = kwargs.get(cache_name)
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1 or not ids.is_cpu
+            or kwargs.get("inputs_embeds") is not None or type(cache) is not DynamicCache
+            or kwargs.get("use_cache") is False or kwargs.get("output_attentions")
+            or kwargs.get("output_hidden_states") or base.config.output_hidden_states
+            or base.config.output_attentions or _hooked(base)
+            or backends.choose("decode_blocks", ids.device) != "cpu"):
+        return None
+    layers = base._modules["layers"][: base.config.num_hidden_layers]
+    if len(cache.layers) != len(layers) or not all(
+            type(c) is DynamicLayer and getattr(c, "is_initialized", True) and getattr(c, "keys", None) is not None
+            and c.keys.dim() == 4 and c.keys.dtype == torch.float32 and c.keys.is_cpu for c in cache.layers):
+        return None
+    batch, length = ids.shape[0], cache.layers[0].keys.shape[2]
+    if length == 0 or any(c.keys.shape[2] != length or c.keys.shape[0] != batch for c in cache.layers):
+        return None
+    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is not None and (mask.shape != (batch, length + 1) or not bool(mask.all())):
+        return None
+    if pos is not None and (pos.numel() not in (1, batch) or bool((pos != length).any())):
+        return None
+    cfg = base.config
+    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    if head_dim * n_head != cfg.hidden_size:
+        return None
+    parts = []
+    for layer in layers:  # the first layer that is not covered ends the search
+        p = _layer_parts(layer)
+        if p is None or (parts and p[2] != parts[0][2]):
+            return None
+        parts.append(p)
+    theta = _rope_theta(base)
+    if theta is None:
+        return None
+    scale = parts[0][4].scaling
+    if any(p[4].scaling != scale for p in parts):
+        return None
+
+    kv = [_kv(c, batch, length) for c in cache.layers]
+    linears = [lin for p in parts for lin in p[3]]
+    bufs = [lin._buffers for lin in linears]
+    x = base.embed_tokens(ids)
+    if x.dtype != torch.float32:
+        return None
+    out, h = torch.ops.fastlm_C.decode_blocks(
+        x.contiguous(), None, [p[0] for p in parts], [p[1] for p in parts], parts[0][2],
+        [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
+        [lin.bits for lin in linears], [lin.group_size for lin in linears], [e[0] for e in kv], [e[1] for e in kv],
+        [e[2] for e in kv], length, n_head, n_kv, theta, float(scale))
+    for c, (kb, vb, lens, _, _) in zip(cache.layers, kv):
+        c.keys, c.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
+        _BUFFERS[c] = (kb, vb, lens, c.keys, c.values)
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return BaseModelOutputWithPast(**{"last_hidden_state": base.norm(out + h), cache_name: cache})
+
+
+def base_forward(self, *args, **kwargs):
+    """The forward patch puts on a Llama / Mistral base model: decode_step where it applies."""
+    out = decode_step(self, args, kwargs)
+    return out if out is not None else type(self).forward(self, *args, **kwargs)
