@@ -39,6 +39,8 @@ ENABLED = True
 
 # cache layer -> (k buffer, v buffer, seqlens (B,) int32, the keys view, the values view)
 _BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# rotary module -> (inv_freq, its version, theta, head_dim) found to be the plain rotary of theta
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _hooked(m: torch.nn.Module) -> bool:
@@ -77,10 +79,16 @@ def _rope_theta(base) -> float | None:
             or getattr(rot, "attention_scaling", 1.0) != 1.0 or _hooked(rot)):
         return None
     inv = getattr(rot, "inv_freq", None)
-    d = cfg.hidden_size // cfg.num_attention_heads
-    want = 1.0 / (float(theta) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    if inv is None or inv.shape != want.shape or not torch.allclose(inv.double(), want, rtol=1e-6, atol=0):
+    if inv is None:
         return None
+    d = cfg.hidden_size // cfg.num_attention_heads
+    key = (inv._version, float(theta), d)  # checked once per table (the check takes ~50 us)
+    seen = _CHECKED.get(rot)
+    if seen is None or seen[0] is not inv or seen[1] != key:
+        want = 1.0 / (float(theta) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        if inv.shape != want.shape or not torch.allclose(inv.double(), want, rtol=1e-6, atol=0):
+            return None
+        _CHECKED[rot] = (inv, key)
     return float(theta)
 
 
@@ -100,9 +108,9 @@ def _kv(layer, batch: int, length: int) -> tuple:
     return entry
 
 
-def decode_step(base, args: tuple, kwargs: dict):
-    """The base model's output for this call through one decode_blocks call, or None when the call
-    is not a decode step this path covers (the caller then runs transformers' forward)."""
+def _step(base, args: tuple, kwargs: dict) -> tuple | None:
+    """(ids, cache, the cache's keyword, its length) when the call is one new token per sequence in
+    inference, after a prompt in a DynamicCache of plain float32 layers, without padding."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     if not ENABLED or torch.is_grad_enabled() or base.training or len(args) > 1 or torch.compiler.is_compiling():
@@ -117,8 +125,7 @@ def decode_step(base, args: tuple, kwargs: dict):
             or base.config.output_attentions or _hooked(base)
             or backends.choose("decode_blocks", ids.device) != "cpu"):
         return None
-    layers = base._modules["layers"][: base.config.num_hidden_layers]
-    if len(cache.layers) != len(layers) or not all(
+    if len(cache.layers) != base.config.num_hidden_layers or not all(
             type(c) is DynamicLayer and getattr(c, "is_initialized", True) and getattr(c, "keys", None) is not None
             and c.keys.dim() == 4 and c.keys.dtype == torch.float32 and c.keys.is_cpu for c in cache.layers):
         return None
@@ -130,35 +137,46 @@ def decode_step(base, args: tuple, kwargs: dict):
         return None
     if pos is not None and (pos.numel() not in (1, batch) or bool((pos != length).any())):
         return None
+    return ids, cache, cache_name, length
+
+
+def _stack(base) -> tuple | None:
+    """(every layer's parts, theta, heads, key/value heads, scale) of a stack decode_blocks runs."""
     cfg = base.config
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     if head_dim * n_head != cfg.hidden_size:
         return None
     parts = []
-    for layer in layers:  # the first layer that is not covered ends the search
+    for layer in base._modules["layers"][: cfg.num_hidden_layers]:  # the first not covered ends it
         p = _layer_parts(layer)
-        if p is None or (parts and p[2] != parts[0][2]):
+        if p is None or (parts and (p[2] != parts[0][2] or p[4].scaling != parts[0][4].scaling)):
             return None
         parts.append(p)
     theta = _rope_theta(base)
-    if theta is None:
-        return None
-    scale = parts[0][4].scaling
-    if any(p[4].scaling != scale for p in parts):
-        return None
+    return None if theta is None else (parts, theta, n_head, n_kv, float(parts[0][4].scaling))
 
-    kv = [_kv(c, batch, length) for c in cache.layers]
-    linears = [lin for p in parts for lin in p[3]]
-    bufs = [lin._buffers for lin in linears]
+
+def decode_step(base, args: tuple, kwargs: dict):
+    """The base model's output for this call through one decode_blocks call, or None when the call
+    is not a decode step this path covers (the caller then runs transformers' forward)."""
+    step = _step(base, args, kwargs)
+    stack = None if step is None else _stack(base)
+    if stack is None:
+        return None
+    ids, cache, cache_name, length = step
+    parts, theta, n_head, n_kv, scale = stack
     x = base.embed_tokens(ids)
     if x.dtype != torch.float32:
         return None
+    kv = [_kv(c, ids.shape[0], length) for c in cache.layers]
+    linears = [lin for p in parts for lin in p[3]]
+    bufs = [lin._buffers for lin in linears]
     out, h = torch.ops.fastlm_C.decode_blocks(
         x.contiguous(), None, [p[0] for p in parts], [p[1] for p in parts], parts[0][2],
         [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
         [lin.bits for lin in linears], [lin.group_size for lin in linears], [e[0] for e in kv], [e[1] for e in kv],
-        [e[2] for e in kv], length, n_head, n_kv, theta, float(scale))
+        [e[2] for e in kv], length, n_head, n_kv, theta, scale)
     for c, (kb, vb, lens, _, _) in zip(cache.layers, kv):
         c.keys, c.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
         _BUFFERS[c] = (kb, vb, lens, c.keys, c.values)

@@ -184,3 +184,15 @@ def test_benchmark_runs_each_competitor(fused):
     assert all(v > 0 for row in r["rows"].values() for v in row.values())
     assert any(fused.calls)
     assert hf_decode.ENABLED
+
+
+def test_a_rotary_table_changed_in_place_is_noticed(fused):
+    model = build()
+    ids = torch.randint(3, VOCAB, (1, 4))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert fused.calls == [False, True, True]
+        model.model.rotary_emb.inv_freq.mul_(0.5)  # as a rope-scaling edit would
+        fused.calls.clear()
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert fused.calls == [False, False, False]

@@ -15,7 +15,7 @@ LAYERS = [
     ("fastlm.backends", "fastlm._build", "fastlm.quant", "fastlm.reference", "fastlm.kernels"),
     ("fastlm.ops",),
     ("fastlm.nn",),
-    ("fastlm.patch", "fastlm.hf", "fastlm.model", "fastlm.lora"),
+    ("fastlm.patch", "fastlm.hf", "fastlm.hf_decode", "fastlm.model", "fastlm.lora"),
     ("fastlm.data", "fastlm.train", "fastlm.metrics", "fastlm.classify"),
     ("fastlm.info", "fastlm.bench", "fastlm.cli"),
 ]

@@ -179,7 +179,9 @@ def quantized_decode(quick: bool = False, config: dict | None = None) -> dict:
 
     import fastlm
     from fastlm import hf_decode
+    from fastlm.bench.quant_matmul import read_bandwidth
 
+    bw = read_bandwidth(torch.device("cpu"))
     cfg = dict(DECODE_MODEL, num_hidden_layers=2) if quick else dict(DECODE_MODEL)
     cfg.update(config or {})
     family = cfg.pop("model_type")
@@ -213,13 +215,13 @@ def quantized_decode(quick: bool = False, config: dict | None = None) -> dict:
         rates[b] = {name: b * new / ((ms[f"{name} +{1 + new}"] - ms[f"{name} +1"]) * 1e-3) for name in models}
     base = rates[1]["transformers fp32"]
     print(f"transformers Llama, {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, greedy decode after "
-          f"{prompt} tokens, competitors in turns:")
+          f"{prompt} tokens, read bandwidth {bw:.1f} GB/s, competitors in turns:")
     print(f"  {'competitor':<28}{'b1 tok/s':>10}{'b8 tok/s':>10}{'b1 x fp32':>10}")
     rows = {}
     for name in models:
         rows[name] = {"decode_b1_tok_s": rates[1][name], "decode_b8_tok_s": rates[8][name]}
         print(f"  {name:<28}{rates[1][name]:>10.2f}{rates[8][name]:>10.2f}{rates[1][name] / base:>10.2f}")
-    return {"config": dict(cfg, model_type=family), "prompt": prompt, "new": new, "rows": rows}
+    return {"config": dict(cfg, model_type=family), "prompt": prompt, "new": new, "read_GBps": bw, "rows": rows}
 
 
 def _worker() -> None:
