@@ -26,9 +26,9 @@ TORCH_LIBRARY(fastlm_C, m) {
         " int group_size) -> Tensor");
   m.def("quant_dot_isa(int force) -> str", &fastlm::quant_dot_isa);
   m.def("decode_blocks(Tensor x, Tensor? residual, Tensor[] norm1, Tensor[] norm2, float eps, Tensor[] qweights,"
-        " Tensor[] scales, Tensor?[] zeros, int[] bits, int[] group_sizes, Tensor(a!)[] k_caches,"
+        " Tensor[] scales, Tensor?[] zeros, Tensor?[] biases, int[] bits, int[] group_sizes, Tensor(a!)[] k_caches,"
         " Tensor(b!)[] v_caches, Tensor(c!)[] cache_seqlens, int position, int n_head, int n_kv_head, float theta,"
-        " float scale) -> (Tensor, Tensor)");
+        " float scale, Tensor? cos=None, Tensor? sin=None) -> (Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor, Tensor)");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");

@@ -1,19 +1,20 @@
-"""A transformers Llama / Mistral decoding on the CPU with every decoder layer in one kernel call.
+"""A transformers Llama / Mistral / Qwen2 decoding on the CPU with every decoder layer in one kernel call.
 
 After `fastlm.patch(model)` and `fastlm.quantize_(model, ..., act_quant=True)`, a decode step of
 generate() (one new token per sequence, transformers' default DynamicCache) runs the whole stack of
 decoder layers as torch.ops.fastlm_C.decode_blocks, the call fastlm's own Transformer decodes with
 (csrc/cpu/decode_block.cpp): the same integer-dot matmuls, norms, rotary and decode attention the
-patched layers run, without the ~20 module calls a layer makes from Python. At decode each kernel
-takes tens of microseconds, and that Python, run cold after every weight stream, cost as much as
-the kernels (a 0.65 B Llama on an Intel Xeon: ~half of a step).
+patched layers run, with the model's own rotary table, without the ~20 module calls a layer makes
+from Python. At decode each kernel takes tens of microseconds, and that Python, run cold after
+every weight stream, cost as much as the kernels (a 0.65 B Llama on an Intel Xeon: ~half of a step).
 
 The base model's forward (LlamaModel) is shadowed on the instance, as patch shadows the layers',
 and every call that is not such a step, or that this path does not cover, goes to transformers'
-forward unchanged. Covered: LlamaDecoderLayer / MistralDecoderLayer with all seven projections
-act_quant QuantLinears without bias, float32 RMSNorms, SiLU, default rotary (no scaling), head_dim
-= hidden / heads, no hooks, inference (no grad, eval), no padding in the attention mask, and every
-cache layer a plain DynamicLayer (not a sliding window) holding float32 keys of the same length.
+forward unchanged. Covered: Llama / Mistral / Qwen2 decoder layers with all seven projections
+act_quant QuantLinears (float32 biases or none), float32 RMSNorms, SiLU, any rotary scaling (the
+model's rotary module makes the table), head_dim = hidden / heads, no hooks, inference (no grad,
+eval), no padding in the attention mask, and every cache layer a plain DynamicLayer (not a sliding
+window) holding float32 keys of the same length.
 
 The cache stays transformers' own: each layer's keys and values become views of a longer buffer,
 which the kernel writes the new position into, so nothing is concatenated per step; the buffer
@@ -30,7 +31,7 @@ import torch
 from fastlm import backends
 from fastlm.nn import QuantLinear
 
-_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
+_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
@@ -39,8 +40,6 @@ ENABLED = True
 
 # cache layer -> (k buffer, v buffer, seqlens (B,) int32, the keys view, the values view)
 _BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# rotary module -> (inv_freq, its version, theta, head_dim) found to be the plain rotary of theta
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _hooked(m: torch.nn.Module) -> bool:
@@ -55,8 +54,9 @@ def _layer_parts(layer) -> tuple | None:
     if type(layer).__name__ not in _LAYERS or attn is None or mlp is None or n1 is None or n2 is None:
         return None
     linears = [(attn if owner == "self_attn" else mlp)._modules.get(name) for owner, name in _PROJ]
-    if not all(type(lin) is QuantLinear and lin.act_quant and lin._parameters.get("bias") is None
-               and lin.in_features % 32 == 0 and not _hooked(lin) for lin in linears):
+    if not all(type(lin) is QuantLinear and lin.act_quant and lin.in_features % 32 == 0 and not _hooked(lin)
+               and (lin._parameters.get("bias") is None or lin._parameters["bias"].dtype == torch.float32)
+               for lin in linears):
         return None
     if type(mlp._modules.get("act_fn")).__name__ not in ("SiLUActivation", "SiLU"):
         return None
@@ -67,29 +67,6 @@ def _layer_parts(layer) -> tuple | None:
             or any(_hooked(m) for m in (layer, attn, mlp, n1, n2))):
         return None
     return w1, w2, float(eps), linears, attn
-
-
-def _rope_theta(base) -> float | None:
-    """theta of the base model's rotary embedding when it is the plain one fastlm's kernel makes."""
-    rot = getattr(base, "rotary_emb", None)
-    cfg = base.config
-    params = getattr(cfg, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
-    if (rot is None or theta is None or getattr(rot, "rope_type", "default") != "default"
-            or getattr(rot, "attention_scaling", 1.0) != 1.0 or _hooked(rot)):
-        return None
-    inv = getattr(rot, "inv_freq", None)
-    if inv is None:
-        return None
-    d = cfg.hidden_size // cfg.num_attention_heads
-    key = (inv._version, float(theta), d)  # checked once per table (the check takes ~50 us)
-    seen = _CHECKED.get(rot)
-    if seen is None or seen[0] is not inv or seen[1] != key:
-        want = 1.0 / (float(theta) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        if inv.shape != want.shape or not torch.allclose(inv.double(), want, rtol=1e-6, atol=0):
-            return None
-        _CHECKED[rot] = (inv, key)
-    return float(theta)
 
 
 def _kv(layer, batch: int, length: int) -> tuple:
@@ -141,7 +118,7 @@ def _step(base, args: tuple, kwargs: dict) -> tuple | None:
 
 
 def _stack(base) -> tuple | None:
-    """(every layer's parts, theta, heads, key/value heads, scale) of a stack decode_blocks runs."""
+    """(every layer's parts, heads, key/value heads, scale) of a stack decode_blocks runs."""
     cfg = base.config
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
@@ -153,8 +130,9 @@ def _stack(base) -> tuple | None:
         if p is None or (parts and (p[2] != parts[0][2] or p[4].scaling != parts[0][4].scaling)):
             return None
         parts.append(p)
-    theta = _rope_theta(base)
-    return None if theta is None else (parts, theta, n_head, n_kv, float(parts[0][4].scaling))
+    if _hooked(base._modules["rotary_emb"]):
+        return None
+    return parts, n_head, n_kv, float(parts[0][4].scaling)
 
 
 def decode_step(base, args: tuple, kwargs: dict):
@@ -165,18 +143,21 @@ def decode_step(base, args: tuple, kwargs: dict):
     if stack is None:
         return None
     ids, cache, cache_name, length = step
-    parts, theta, n_head, n_kv, scale = stack
+    parts, n_head, n_kv, scale = stack
     x = base.embed_tokens(ids)
     if x.dtype != torch.float32:
         return None
+    # The model's own rotary table for the position, whatever its scaling (as its layers get it).
+    cos, sin = base.rotary_emb(x, torch.full((1, 1), length, dtype=torch.long))
     kv = [_kv(c, ids.shape[0], length) for c in cache.layers]
     linears = [lin for p in parts for lin in p[3]]
     bufs = [lin._buffers for lin in linears]
     out, h = torch.ops.fastlm_C.decode_blocks(
         x.contiguous(), None, [p[0] for p in parts], [p[1] for p in parts], parts[0][2],
         [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
-        [lin.bits for lin in linears], [lin.group_size for lin in linears], [e[0] for e in kv], [e[1] for e in kv],
-        [e[2] for e in kv], length, n_head, n_kv, theta, scale)
+        [lin._parameters.get("bias") for lin in linears], [lin.bits for lin in linears],
+        [lin.group_size for lin in linears], [e[0] for e in kv], [e[1] for e in kv], [e[2] for e in kv], length,
+        n_head, n_kv, 1.0, scale, cos.contiguous(), sin.contiguous())
     for c, (kb, vb, lens, _, _) in zip(cache.layers, kv):
         c.keys, c.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
         _BUFFERS[c] = (kb, vb, lens, c.keys, c.values)

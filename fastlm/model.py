@@ -172,7 +172,7 @@ class _Fusable(NamedTuple):
 
 def _fusable(block: Block, cache: KVCache) -> _Fusable | None:
     """The parts of `block` that the fused decode call takes, when it is the quantized Llama block
-    (RMSNorm, rotary attention, SwiGLU; every projection a QuantLinear with act_quant and no bias)
+    (RMSNorm, rotary attention, SwiGLU; every projection a QuantLinear with act_quant, any bias float32)
     in inference with no hooks, and its cache has room; None otherwise."""
     # Submodules, parameters and buffers straight from their dicts: nn.Module.__getattr__ is a
     # Python call per read, and this runs ~40 reads per block per token.
@@ -185,8 +185,8 @@ def _fusable(block: Block, cache: KVCache) -> _Fusable | None:
     rotary = am.get("rotary")
     linears = (am["qkv"], am["proj"], mm["gate_proj"], mm["up_proj"], mm["down_proj"])
     if type(rotary) is not Rotary or not all(
-            type(lin) is QuantLinear and lin.act_quant and lin._parameters["bias"] is None and lin.in_features % 32 == 0
-            for lin in linears):
+            type(lin) is QuantLinear and lin.act_quant and lin.in_features % 32 == 0
+            and (lin._parameters["bias"] is None or lin._parameters["bias"].dtype == torch.float32) for lin in linears):
         return None
     w1, w2 = n1._parameters["weight"], n2._parameters["weight"]
     if (w1 is None or w2 is None or n1.eps != n2.eps or cache.k.dtype != torch.float32
@@ -218,8 +218,9 @@ def _decode_blocks(blocks, x: Tensor, residual: Tensor | None, caches) -> tuple[
         x.contiguous(), None if residual is None else residual.contiguous(), [p.norm1 for p in parts],
         [p.norm2 for p in parts], _rms_eps(eps, x),  # the modules' rule for eps=None
         [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
-        [lin.bits for lin in linears], [lin.group_size for lin in linears], [c.k for c in kv],
-        [c.v for c in kv], [c.seqlens for c in kv], position, n_head, n_kv_head, theta, 1.0 / math.sqrt(head_dim))
+        [lin._parameters["bias"] for lin in linears], [lin.bits for lin in linears],
+        [lin.group_size for lin in linears], [c.k for c in kv], [c.v for c in kv], [c.seqlens for c in kv], position,
+        n_head, n_kv_head, theta, 1.0 / math.sqrt(head_dim))
     for c in kv:
         c.longest += 1
     return out, h

@@ -27,10 +27,10 @@ FORMATS = {
 }
 
 
-def llama(n_kv_head=2, quantize=True, **fmt) -> Transformer:
+def llama(n_kv_head=2, quantize=True, bias=False, **fmt) -> Transformer:
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=300, block_size=48, n_layer=3, n_head=4, n_kv_head=n_kv_head, d_model=384,
-                            mlp="swiglu", norm="rmsnorm", pos="rope", bias=False)
+                            mlp="swiglu", norm="rmsnorm", pos="rope", bias=bias)
     model = Transformer(cfg).eval()
     if quantize:
         fastlm.quantize_(model, act_quant=True, quantize_tied=True, **(fmt or FORMATS["int4-g32"]))
@@ -83,6 +83,20 @@ def test_matches_the_modules_bit_for_bit(fused_calls, fmt, batch, n_kv_head):
     for g, w in zip(got_caches, want_caches):
         assert torch.equal(g.k, w.k) and torch.equal(g.v, w.v) and torch.equal(g.seqlens, w.seqlens)
         assert g.longest == w.longest == 9
+
+
+@torch.no_grad()
+def test_biases_match_the_modules_bit_for_bit(fused_calls):
+    model = llama(bias=True, **FORMATS["int4-g32"])
+    for m in model.modules():  # biases away from zero, so that a missing one shows
+        if isinstance(m, fastlm.nn.QuantLinear) and m.bias is not None:
+            m.bias.copy_(torch.randn_like(m.bias))
+    ids = torch.randint(0, 300, (2, 5))
+    got, _ = decode(model, ids, 3)
+    assert fused_calls.calls == [(1, False)] * 3 + [(3, True)] * 3
+    fused_calls.off()
+    want, _ = decode(model, ids, 3)
+    assert torch.equal(got, want)
 
 
 def reference_block(block, x, residual, k_cache, v_cache, pos):
@@ -188,7 +202,7 @@ def test_raw_op_errors():
         return torch.ops.fastlm_C.decode_blocks(
             torch.randn(2, 1, 384) if x is None else x, residual,
             [blk.norm1.weight for blk in blocks] if norms is None else norms, [blk.norm2.weight for blk in blocks],
-            1e-5, [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins],
+            1e-5, [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins], [None] * len(lins),
             [m.bits for m in lins], [m.group_size for m in lins],
             [c.k for c in caches[:-1]] + [caches[-1].k if k is None else k],
             [c.v for c in caches], [c.seqlens for c in caches[:-1]] + [caches[-1].seqlens if lens is None else lens],
@@ -200,7 +214,7 @@ def test_raw_op_errors():
         call(x=torch.randn(2, 1, 384, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="decode_blocks: residual must be a contiguous float32 CPU tensor of x's"):
         call(residual=torch.randn(2, 384), position=1)
-    with pytest.raises(RuntimeError, match="decode_blocks: qweights, scales, zeros, bits and group_sizes must hold 5"):
+    with pytest.raises(RuntimeError, match="decode_blocks: qweights, scales, zeros, biases, bits and group_sizes must"):
         call(position=1, drop=1)
     with pytest.raises(RuntimeError, match="decode_blocks: norm1, norm2, k_caches, v_caches and cache_seqlens must"):
         call(position=1, norms=[blocks[0].norm1.weight])
@@ -247,7 +261,7 @@ def test_q_k_v_apart_give_the_same_bits(fmt):
         for position in range(4):
             outs += torch.ops.fastlm_C.decode_blocks(
                 x[position], None, [blk.norm1.weight for blk in blocks], [blk.norm2.weight for blk in blocks],
-                1e-5, [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins],
+                1e-5, [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins], [None] * len(lins),
                 [m.bits for m in lins], [m.group_size for m in lins], [c.k for c in caches], [c.v for c in caches],
                 [c.seqlens for c in caches], position, 4, 2, 10000.0, 96 ** -0.5)
         runs.append((outs, caches))
@@ -271,10 +285,60 @@ def test_q_k_v_apart_are_checked():
     with pytest.raises(RuntimeError, match="decode_blocks: block 0's k projection must be 384 -> 192"):
         torch.ops.fastlm_C.decode_blocks(
             torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
-            [m.scales for m in lins], [m.zeros for m in lins], [m.bits for m in lins], [m.group_size for m in lins],
-            [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5)
+            [m.scales for m in lins], [m.zeros for m in lins], [None] * len(lins), [m.bits for m in lins],
+            [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5)
     with pytest.raises(RuntimeError, match="or 7 \\(q, k, v, proj, gate, up, down\\)"):
         torch.ops.fastlm_C.decode_blocks(
             torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins[:6]],
-            [m.scales for m in lins[:6]], [m.zeros for m in lins[:6]], [m.bits for m in lins[:6]],
+            [m.scales for m in lins[:6]], [m.zeros for m in lins[:6]], [None] * 6, [m.bits for m in lins[:6]],
             [m.group_size for m in lins[:6]], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5)
+
+
+@torch.no_grad()
+def test_a_rotary_table_given_replaces_theta():
+    """cos and sin given (a transformers model's own rotary, any scaling) are the angles used:
+    the table of theta' decodes as theta' does, whatever theta says."""
+    model = llama()
+    blk = model.blocks[0]
+    lins = [blk.attn.qkv, blk.attn.proj, blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj]
+    x = torch.randn(2, 1, 384)
+
+    def run(theta, cos=None, sin=None, position=3):
+        cache = blk.attn.new_cache(2, 8)
+        cache.k[:, :, :position], cache.v[:, :, :position] = torch.ones(2, 2, 2, position, 96).unbind(0)
+        cache.seqlens.fill_(position)
+        out = torch.ops.fastlm_C.decode_blocks(
+            x, None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
+            [m.scales for m in lins], [m.zeros for m in lins], [None] * 5, [m.bits for m in lins],
+            [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], position, 4, 2, theta, 96 ** -0.5,
+            cos, sin)
+        return out[0], cache.k[:, :, position]
+
+    inv = 500000.0 ** (-torch.arange(0, 96, 2, dtype=torch.float64) / 96)
+    angles = torch.cat([3 * inv, 3 * inv])[None, None]
+    cos, sin = angles.cos().float(), angles.sin().float()
+    want_out, want_k = run(500000.0)
+    got_out, got_k = run(10000.0, cos, sin)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(run(10000.0)[1], want_k, rtol=1e-3, atol=1e-4)
+    with pytest.raises(RuntimeError, match="decode_blocks: cos and sin must be given together"):
+        run(10000.0, cos, None)
+    with pytest.raises(RuntimeError, match="decode_blocks: cos and sin must be contiguous float32 CPU tensors"):
+        run(10000.0, cos.double(), sin.double())
+    with pytest.raises(RuntimeError, match="decode_blocks: cos and sin must be contiguous float32 CPU tensors"):
+        run(10000.0, cos.expand(3, 1, 96).contiguous(), sin.expand(3, 1, 96).contiguous())
+
+
+def test_a_bias_of_the_wrong_shape_is_named():
+    model = llama()
+    blk = model.blocks[0]
+    lins = [blk.attn.qkv, blk.attn.proj, blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj]
+    cache = blk.attn.new_cache(1, 4)
+    with pytest.raises(RuntimeError, match=r"decode_blocks: block 0's up bias must be a contiguous float32 CPU tensor "
+                                           r"of shape \(1024\)"):
+        torch.ops.fastlm_C.decode_blocks(
+            torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
+            [m.scales for m in lins], [m.zeros for m in lins], [None, None, None, torch.zeros(384), None],
+            [m.bits for m in lins], [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2,
+            10000.0, 96 ** -0.5)

@@ -36,6 +36,7 @@ constexpr int kSplit = 7;    // q, k, v, proj, gate, up, down (a transformers at
 struct Linears {
   at::TensorList q, s;
   const c10::List<std::optional<at::Tensor>>& z;
+  const c10::List<std::optional<at::Tensor>>& b;
   at::IntArrayRef bits, group;
   int64_t first;
   int per;
@@ -60,8 +61,8 @@ struct Linears {
   void prepare(int next) const { prepare_entries({entry(next)}); }
 
   at::Tensor matmul(int64_t j, const at::Tensor& x) const {
-    const std::optional<at::Tensor> zj = z.get(j);
-    return quant_matmul_dot_cpu(x, q[j], s[j], zj, std::nullopt, bits[j], group[j]);
+    const std::optional<at::Tensor> zj = z.get(j), bj = b.get(j);
+    return quant_matmul_dot_cpu(x, q[j], s[j], zj, bj, bits[j], group[j]);
   }
 
   at::Tensor operator()(int i, const at::Tensor& x) const { return matmul(entry(i), x); }
@@ -111,6 +112,11 @@ void check_block(const char* op, int64_t l, const Shape& sh, const at::Tensor& n
                 op, ": block ", l, "'s ", names[i], " projection must be ", in, " -> ", outs[i], " (",
                 bits, "-bit qweight of shape (", outs[i], ", ", bits == 4 ? in / 2 : in, ")), got qweight ",
                 q.sizes());
+    const std::optional<at::Tensor> bias = lin.b.get(lin.first + i);
+    TORCH_CHECK(!present(bias) || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat &&
+                                   bias->dim() == 1 && bias->size(0) == outs[i] && bias->is_contiguous()),
+                op, ": block ", l, "'s ", names[i], " bias must be a contiguous float32 CPU tensor of shape (",
+                outs[i], "), got ", bias->scalar_type(), " of shape ", bias->sizes());
   }
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hk && k_cache.size(3) == D &&
                   k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat && k_cache.device().is_cpu(),
@@ -185,9 +191,9 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
 std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
     const at::Tensor& x, const OptTensor& residual, at::TensorList norm1, at::TensorList norm2, double eps,
     at::TensorList qweights, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& zeros,
-    at::IntArrayRef bits, at::IntArrayRef group_sizes, at::TensorList k_caches, at::TensorList v_caches,
-    at::TensorList cache_seqlens, int64_t position, int64_t n_head, int64_t n_kv_head, double theta,
-    double scale) {
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef bits, at::IntArrayRef group_sizes,
+    at::TensorList k_caches, at::TensorList v_caches, at::TensorList cache_seqlens, int64_t position, int64_t n_head,
+    int64_t n_kv_head, double theta, double scale, const OptTensor& cos, const OptTensor& sin) {
   const char* op = "decode_blocks";
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
                   x.scalar_type() == at::kFloat,
@@ -204,32 +210,52 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
               L, ", ", n(norm2), ", ", n(k_caches), ", ", n(v_caches), " and ", n(cache_seqlens));
   const int64_t per = n(qweights) / L;
   TORCH_CHECK((per == kLinears || per == kSplit) && n(qweights) == per * L && n(scales) == per * L &&
-                  n(zeros) == per * L && n(bits) == per * L && n(group_sizes) == per * L,
-              op, ": qweights, scales, zeros, bits and group_sizes must hold ", kLinears,
+                  n(zeros) == per * L && n(biases) == per * L && n(bits) == per * L && n(group_sizes) == per * L,
+              op, ": qweights, scales, zeros, biases, bits and group_sizes must hold ", kLinears,
               " entries per block (qkv, proj, gate, up, down) or ", kSplit, " (q, k, v, proj, gate, up, down): ",
               kLinears * L, " or ", kSplit * L, " for ", L, " blocks, got ", n(qweights), ", ", n(scales), ", ",
-              n(zeros), ", ", n(bits), " and ", n(group_sizes));
+              n(zeros), ", ", n(biases), ", ", n(bits), " and ", n(group_sizes));
   const int64_t B = x.size(0), C = x.size(2);
   TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0 && C % n_head == 0, op, ": n_head ", n_head,
               " must divide C = ", C, " and be a multiple of n_kv_head ", n_kv_head);
   const Shape sh{B, C, n_head, n_kv_head, C / n_head};
   const auto linears = [&](int64_t l) {
-    return Linears{qweights, scales, zeros, bits, group_sizes, per * l, static_cast<int>(per)};
+    return Linears{qweights, scales, zeros, biases, bits, group_sizes, per * l, static_cast<int>(per)};
   };
   for (int64_t l = 0; l < L; ++l) {
     check_block(op, l, sh, norm1[l], norm2[l], linears(l), k_caches[l], v_caches[l], cache_seqlens[l], position);
   }
 
   linears(0).prepare(0);
+  TORCH_CHECK(present(cos) == present(sin), op, ": cos and sin must be given together");
+  if (present(cos)) {
+    for (const at::Tensor* t : {&*cos, &*sin}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 &&
+                      (t->size(0) == 1 || t->size(0) == B) && t->size(1) == 1 && t->size(2) % 2 == 0 &&
+                      t->size(2) <= sh.D && t->sizes() == cos->sizes() && t->is_contiguous(),
+                  op, ": cos and sin must be contiguous float32 CPU tensors of one shape (1 or ", B,
+                  ", 1, an even rotary_dim <= ", sh.D, "), got ", cos->sizes(), " and ", sin->sizes());
+    }
+  }
+
   // The angles of `position`, made once for every block (and the batch): the same float32 rows
-  // rotary_pos_fwd makes, so the same bits.
-  const at::Tensor table = rotary_pos_table_cpu(at::full({1, 1}, position, x.options().dtype(at::kLong)), theta, sh.D);
-  const at::Tensor cos = table[0], sin = table[1];
+  // rotary_pos_fwd makes, so the same bits. Or the caller's table (a transformers model's
+  // rotary, whatever its scaling).
+  at::Tensor rot_cos, rot_sin;
+  if (present(cos)) {
+    rot_cos = *cos;
+    rot_sin = *sin;
+  } else {
+    const at::Tensor table =
+        rotary_pos_table_cpu(at::full({1, 1}, position, x.options().dtype(at::kLong)), theta, sh.D);
+    rot_cos = table[0];
+    rot_sin = table[1];
+  }
   at::Tensor out = x.view({B, C});
   OptTensor h = present(residual) ? OptTensor(residual->view({B, C})) : std::nullopt;
   for (int64_t l = 0; l < L; ++l) {
     auto [o, h2] = block(out, h, sh, norm1[l], norm2[l], eps, linears(l), k_caches[l], v_caches[l],
-                         cache_seqlens[l], position, cos, sin, scale);
+                         cache_seqlens[l], position, rot_cos, rot_sin, scale);
     out = o;
     h = h2;
   }
