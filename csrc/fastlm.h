@@ -151,14 +151,17 @@ at::Tensor rotary_pos_table_cpu(const at::Tensor& positions, double theta, int64
 // quant_matmul_dot weight lists (biases optional); or seven, 7 l .. 7 l + 6, with q, k and v apart
 // (a transformers attention's q_proj, k_proj, v_proj). The rotary angles are position * theta^(-2i/D)
 // made inside, or the caller's float32 table cos, sin (1 or B, 1, rotary_dim) in rotate-half layout,
-// theta then unused. Every block is checked before the first runs.
+// theta then unused. q_norms / k_norms (one (D) weight per block, or none): each head of q and k
+// rms-normalised over D before rotary (Qwen3). head_dim D: 0 means C / n_head; proj takes Hq D.
+// Every block is checked before the first runs.
 // Returns the last block's (mlp out, h), both (B, 1, C).
 std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
     const at::Tensor& x, const OptTensor& residual, at::TensorList norm1, at::TensorList norm2, double eps,
     at::TensorList qweights, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& zeros,
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef bits, at::IntArrayRef group_sizes,
     at::TensorList k_caches, at::TensorList v_caches, at::TensorList cache_seqlens, int64_t position, int64_t n_head,
-    int64_t n_kv_head, double theta, double scale, const OptTensor& cos, const OptTensor& sin);
+    int64_t n_kv_head, double theta, double scale, at::TensorList q_norms, at::TensorList k_norms, int64_t head_dim,
+    const OptTensor& cos, const OptTensor& sin);
 
 #ifdef FASTLM_WITH_CUDA
 at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

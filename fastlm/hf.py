@@ -50,7 +50,7 @@ What is swapped, and through which transformers extension point:
   then has `logits=None` while grad mode is on (training); under torch.no_grad the full logits are
   computed as well, for evaluation loops that read them.
 - nn.Embedding becomes fastlm.nn.Embedding.
-- the decoder stack of a Llama / Mistral / Qwen2 (its base model's forward, shadowed like the layers'):
+- the decoder stack of a Llama / Mistral / Qwen2 / Qwen3 (its base model's forward, shadowed like the layers'):
   once quantize_(..., act_quant=True) has made every projection an integer-dot QuantLinear, a CPU
   decode step runs all decoder layers in one kernel call (fastlm.hf_decode, which says what it
   covers); every other call is transformers' forward.
@@ -284,9 +284,9 @@ def _unsupported(model) -> str | None:
 
 
 def _decoder_stack(model):
-    """The Llama / Mistral / Qwen2 base model (LlamaModel, ...) of model, whose decode steps
+    """The Llama / Mistral / Qwen2 / Qwen3 base model (LlamaModel, ...) of model, whose decode steps
     hf_decode may run as one call, or None."""
-    if model.config.model_type not in ("llama", "mistral", "qwen2"):
+    if model.config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         return None
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     ok = isinstance(base, torch.nn.Module) and "forward" not in base.__dict__ \

@@ -1,4 +1,4 @@
-"""A transformers Llama / Mistral / Qwen2 decoding on the CPU with every decoder layer in one kernel call.
+"""A transformers Llama / Mistral / Qwen2 / Qwen3 decoding on the CPU with every decoder layer in one kernel call.
 
 After `fastlm.patch(model)` and `fastlm.quantize_(model, ..., act_quant=True)`, a decode step of
 generate() (one new token per sequence, transformers' default DynamicCache) runs the whole stack of
@@ -10,11 +10,11 @@ every weight stream, cost as much as the kernels (a 0.65 B Llama on an Intel Xeo
 
 The base model's forward (LlamaModel) is shadowed on the instance, as patch shadows the layers',
 and every call that is not such a step, or that this path does not cover, goes to transformers'
-forward unchanged. Covered: Llama / Mistral / Qwen2 decoder layers with all seven projections
-act_quant QuantLinears (float32 biases or none), float32 RMSNorms, SiLU, any rotary scaling (the
-model's rotary module makes the table), head_dim = hidden / heads, no hooks, inference (no grad,
-eval), no padding in the attention mask, and every cache layer a plain DynamicLayer (not a sliding
-window) holding float32 keys of the same length.
+forward unchanged. Covered: Llama / Mistral / Qwen2 / Qwen3 decoder layers with all seven
+projections act_quant QuantLinears (float32 biases or none), float32 RMSNorms (Qwen3's per-head q
+and k norms too), SiLU, any head_dim, any rotary scaling (the model's rotary module makes the
+table), no hooks, inference (no grad, eval), no padding in the attention mask, and every cache layer
+a plain DynamicLayer (not a sliding window) holding float32 keys of the same length.
 
 The cache stays transformers' own: each layer's keys and values become views of a longer buffer,
 which the kernel writes the new position into, so nothing is concatenated per step; the buffer
@@ -25,13 +25,14 @@ is noticed by identity, and the next fused step copies them into a fresh buffer.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
 from fastlm import backends
 from fastlm.nn import QuantLinear
 
-_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
@@ -46,12 +47,32 @@ def _hooked(m: torch.nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _layer_parts(layer) -> tuple | None:
-    """(norm1, norm2, eps, the seven QuantLinears) of a covered decoder layer, else None."""
+class _Layer(NamedTuple):
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    eps: float
+    linears: list  # q, k, v, o, gate, up, down
+    scaling: float
+    q_norm: torch.Tensor | None  # Qwen3's per-head norms of q and k
+    k_norm: torch.Tensor | None
+
+
+def _norm_weight(m, eps: float | None = None) -> torch.Tensor | None:
+    """The float32 weight of a Llama-style RMSNorm with no hooks (and this eps, when given)."""
+    w = None if m is None else m._parameters.get("weight")
+    e = getattr(m, "variance_epsilon", None)
+    if w is None or w.dtype != torch.float32 or e is None or (eps is not None and e != eps) or _hooked(m):
+        return None
+    return w
+
+
+def _layer_parts(layer) -> _Layer | None:
+    """The parts of a covered decoder layer that decode_blocks takes, else None."""
     mods = layer._modules
     attn, mlp = mods.get("self_attn"), mods.get("mlp")
     n1, n2 = mods.get("input_layernorm"), mods.get("post_attention_layernorm")
-    if type(layer).__name__ not in _LAYERS or attn is None or mlp is None or n1 is None or n2 is None:
+    if type(layer).__name__ not in _LAYERS or attn is None or mlp is None or n1 is None or n2 is None \
+            or any(_hooked(m) for m in (layer, attn, mlp)):
         return None
     linears = [(attn if owner == "self_attn" else mlp)._modules.get(name) for owner, name in _PROJ]
     if not all(type(lin) is QuantLinear and lin.act_quant and lin.in_features % 32 == 0 and not _hooked(lin)
@@ -60,13 +81,15 @@ def _layer_parts(layer) -> tuple | None:
         return None
     if type(mlp._modules.get("act_fn")).__name__ not in ("SiLUActivation", "SiLU"):
         return None
-    w1, w2 = n1._parameters.get("weight"), n2._parameters.get("weight")
-    eps = getattr(n1, "variance_epsilon", None)
-    if (w1 is None or w2 is None or w1.dtype != torch.float32 or w2.dtype != torch.float32
-            or eps is None or eps != getattr(n2, "variance_epsilon", None)
-            or any(_hooked(m) for m in (layer, attn, mlp, n1, n2))):
+    w1 = _norm_weight(n1)
+    eps = None if w1 is None else n1.variance_epsilon
+    w2 = None if w1 is None else _norm_weight(n2, eps)
+    qn, kn = attn._modules.get("q_norm"), attn._modules.get("k_norm")
+    q_norm, k_norm = _norm_weight(qn, eps), _norm_weight(kn, eps)
+    if w2 is None or (qn is None) != (q_norm is None) or (kn is None) != (k_norm is None) \
+            or (q_norm is None) != (k_norm is None):
         return None
-    return w1, w2, float(eps), linears, attn
+    return _Layer(w1, w2, float(eps), linears, float(attn.scaling), q_norm, k_norm)
 
 
 def _kv(layer, batch: int, length: int) -> tuple:
@@ -118,21 +141,20 @@ def _step(base, args: tuple, kwargs: dict) -> tuple | None:
 
 
 def _stack(base) -> tuple | None:
-    """(every layer's parts, heads, key/value heads, scale) of a stack decode_blocks runs."""
+    """(every layer's parts, heads, key/value heads, head_dim) of a stack decode_blocks runs."""
     cfg = base.config
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    if head_dim * n_head != cfg.hidden_size:
-        return None
     parts = []
     for layer in base._modules["layers"][: cfg.num_hidden_layers]:  # the first not covered ends it
         p = _layer_parts(layer)
-        if p is None or (parts and (p[2] != parts[0][2] or p[4].scaling != parts[0][4].scaling)):
+        if p is None or (parts and (p.eps, p.scaling, p.q_norm is None)
+                         != (parts[0].eps, parts[0].scaling, parts[0].q_norm is None)):
             return None
         parts.append(p)
     if _hooked(base._modules["rotary_emb"]):
         return None
-    return parts, n_head, n_kv, float(parts[0][4].scaling)
+    return parts, n_head, n_kv, head_dim
 
 
 def decode_step(base, args: tuple, kwargs: dict):
@@ -143,21 +165,23 @@ def decode_step(base, args: tuple, kwargs: dict):
     if stack is None:
         return None
     ids, cache, cache_name, length = step
-    parts, n_head, n_kv, scale = stack
+    parts, n_head, n_kv, head_dim = stack
     x = base.embed_tokens(ids)
     if x.dtype != torch.float32:
         return None
     # The model's own rotary table for the position, whatever its scaling (as its layers get it).
     cos, sin = base.rotary_emb(x, torch.full((1, 1), length, dtype=torch.long))
     kv = [_kv(c, ids.shape[0], length) for c in cache.layers]
-    linears = [lin for p in parts for lin in p[3]]
+    linears = [lin for p in parts for lin in p.linears]
     bufs = [lin._buffers for lin in linears]
+    qk = parts[0].q_norm is not None
     out, h = torch.ops.fastlm_C.decode_blocks(
-        x.contiguous(), None, [p[0] for p in parts], [p[1] for p in parts], parts[0][2],
+        x.contiguous(), None, [p.norm1 for p in parts], [p.norm2 for p in parts], parts[0].eps,
         [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
         [lin._parameters.get("bias") for lin in linears], [lin.bits for lin in linears],
         [lin.group_size for lin in linears], [e[0] for e in kv], [e[1] for e in kv], [e[2] for e in kv], length,
-        n_head, n_kv, 1.0, scale, cos.contiguous(), sin.contiguous())
+        n_head, n_kv, 1.0, parts[0].scaling, [p.q_norm for p in parts] if qk else [],
+        [p.k_norm for p in parts] if qk else [], head_dim, cos.contiguous(), sin.contiguous())
     for c, (kb, vb, lens, _, _) in zip(cache.layers, kv):
         c.keys, c.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
         _BUFFERS[c] = (kb, vb, lens, c.keys, c.values)
@@ -167,6 +191,6 @@ def decode_step(base, args: tuple, kwargs: dict):
 
 
 def base_forward(self, *args, **kwargs):
-    """The forward patch puts on a Llama / Mistral base model: decode_step where it applies."""
+    """The forward patch puts on a covered base model: decode_step where it applies."""
     out = decode_step(self, args, kwargs)
     return out if out is not None else type(self).forward(self, *args, **kwargs)

@@ -31,7 +31,8 @@ COUNTS = {
                 "loss": 1},
     "qwen2": {"attention": 2, "rotary": 2, "swiglu_mlp": 2, "rms_norm": 5, "embedding": 1, "decode_stack": 1,
               "loss": 1},
-    "qwen3": {"attention": 2, "rotary": 2, "swiglu_mlp": 2, "rms_norm": 9, "embedding": 1, "loss": 1},
+    "qwen3": {"attention": 2, "rotary": 2, "swiglu_mlp": 2, "rms_norm": 9, "embedding": 1, "decode_stack": 1,
+              "loss": 1},
     "bert": {"attention": 2, "gelu_mlp": 2, "add_layer_norm": 4, "layer_norm": 5, "embedding": 3},
     "roberta": {"attention": 2, "gelu_mlp": 2, "add_layer_norm": 4, "layer_norm": 5, "embedding": 3},
 }

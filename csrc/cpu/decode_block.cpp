@@ -86,12 +86,17 @@ struct Shape {
 // Everything about block l that could fail part way through the stack, checked before any block
 // runs, so that a bad block leaves every cache as it was. (The kernels check their own inputs again.)
 void check_block(const char* op, int64_t l, const Shape& sh, const at::Tensor& norm1, const at::Tensor& norm2,
-                 const Linears& lin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const at::Tensor& seqlens, int64_t position) {
+                 const OptTensor& q_norm, const OptTensor& k_norm, const Linears& lin, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& seqlens, int64_t position) {
   const auto [B, C, Hq, Hk, D] = sh;
   for (const at::Tensor* w : {&norm1, &norm2}) {
     TORCH_CHECK(w->device().is_cpu() && w->scalar_type() == at::kFloat && w->dim() == 1 && w->size(0) == C, op,
                 ": block ", l, "'s norm weights must be float32 CPU tensors of shape (", C, ")");
+  }
+  for (const OptTensor* w : {&q_norm, &k_norm}) {
+    TORCH_CHECK(!present(*w) || ((*w)->device().is_cpu() && (*w)->scalar_type() == at::kFloat && (*w)->dim() == 1 &&
+                                 (*w)->size(0) == D),
+                op, ": block ", l, "'s q and k norm weights must be float32 CPU tensors of shape (", D, ")");
   }
   const char* fused[kLinears] = {"qkv", "proj", "gate", "up", "down"};
   const char* split[kSplit] = {"q", "k", "v", "proj", "gate", "up", "down"};
@@ -103,11 +108,14 @@ void check_block(const char* op, int64_t l, const Shape& sh, const at::Tensor& n
   const int64_t hidden = lin.q[lin.entry(2)].size(0);
   const int64_t fused_outs[kLinears] = {(Hq + 2 * Hk) * D, C, hidden, hidden, C};
   const int64_t split_outs[kSplit] = {Hq * D, Hk * D, Hk * D, C, hidden, hidden, C};
+  const int64_t fused_ins[kLinears] = {C, Hq * D, C, C, hidden};
+  const int64_t split_ins[kSplit] = {C, C, C, Hq * D, C, C, hidden};
   const int64_t* outs = lin.per == kSplit ? split_outs : fused_outs;
+  const int64_t* ins = lin.per == kSplit ? split_ins : fused_ins;
   for (int i = 0; i < lin.per; ++i) {
     const at::Tensor& q = lin.q[lin.first + i];
     const int64_t bits = lin.bits[lin.first + i];
-    const int64_t in = i == lin.per - 1 ? hidden : C;  // down takes the hidden width, the rest C
+    const int64_t in = ins[i];
     TORCH_CHECK(q.size(0) == outs[i] && (bits == 4 || bits == 8) && q.size(1) * (bits == 4 ? 2 : 1) == in,
                 op, ": block ", l, "'s ", names[i], " projection must be ", in, " -> ", outs[i], " (",
                 bits, "-bit qweight of shape (", outs[i], ", ", bits == 4 ? in / 2 : in, ")), got qweight ",
@@ -141,8 +149,9 @@ void check_block(const char* op, int64_t l, const Shape& sh, const at::Tensor& n
 
 // One block: (mlp out, h), both (B, C).
 std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& r2, const Shape& sh,
-                                         const at::Tensor& norm1, const at::Tensor& norm2, double eps,
-                                         const Linears& linear, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& norm1, const at::Tensor& norm2, const OptTensor& q_norm,
+                                         const OptTensor& k_norm, double eps, const Linears& linear,
+                                         const at::Tensor& k_cache, const at::Tensor& v_cache,
                                          const at::Tensor& cache_seqlens, int64_t position, const at::Tensor& cos,
                                          const at::Tensor& sin, double scale) {
   const auto [B, C, Hq, Hk, D] = sh;
@@ -153,10 +162,16 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
   // Attention: q, k, v of the new token, rotated to `position`, k and v into the cache.
   const at::Tensor qkv = linear.qkv(y);
   linear.prepare(1);
-  const auto heads = [&](int64_t first, int64_t count) {
-    return qkv.narrow(1, first * D, count * D).view({B, 1, count, D}).transpose(1, 2);
+  // (B, count, 1, D) views of qkv's heads from `first` on, each normalised over D first where
+  // the model has such a norm (Qwen3's q_norm, k_norm).
+  const auto heads = [&](int64_t first, int64_t count, const OptTensor& norm) {
+    at::Tensor t = qkv.narrow(1, first * D, count * D);
+    if (present(norm)) {
+      t = std::get<0>(norm_fwd_cpu(t.reshape({B * count, D}), *norm, std::nullopt, std::nullopt, eps, /*rms=*/true));
+    }
+    return t.view({B, 1, count, D}).transpose(1, 2);
   };
-  auto [q, k] = rotary_fwd_cpu(heads(0, Hq), heads(Hq, Hk), cos, sin, false, false);
+  auto [q, k] = rotary_fwd_cpu(heads(0, Hq, q_norm), heads(Hq, Hk, k_norm), cos, sin, false, false);
   // Plain copies of B x Hk rows of D floats: ATen's copy_ costs ~10 us a call at this size.
   const int64_t tmax = k_cache.size(2), n = qkv.size(1);
   const float* kr = k.data_ptr<float>();  // (B, Hk, 1, D), contiguous
@@ -173,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
     lens[b] += 1;
   }
   const at::Tensor att = decode_attention_cpu(q, k_cache, v_cache, cache_seqlens, scale);
-  const at::Tensor o = linear(1, att.transpose(1, 2).reshape({B, C}));
+  const at::Tensor o = linear(1, att.transpose(1, 2).reshape({B, Hq * D}));
   linear.prepare(2);
 
   // h = h + attn; y = rms_norm(h); mlp = down(silu(gate(y)) * up(y))
@@ -193,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
     at::TensorList qweights, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& zeros,
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef bits, at::IntArrayRef group_sizes,
     at::TensorList k_caches, at::TensorList v_caches, at::TensorList cache_seqlens, int64_t position, int64_t n_head,
-    int64_t n_kv_head, double theta, double scale, const OptTensor& cos, const OptTensor& sin) {
+    int64_t n_kv_head, double theta, double scale, at::TensorList q_norms, at::TensorList k_norms, int64_t head_dim,
+    const OptTensor& cos, const OptTensor& sin) {
   const char* op = "decode_blocks";
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
                   x.scalar_type() == at::kFloat,
@@ -216,14 +232,21 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
               kLinears * L, " or ", kSplit * L, " for ", L, " blocks, got ", n(qweights), ", ", n(scales), ", ",
               n(zeros), ", ", n(biases), ", ", n(bits), " and ", n(group_sizes));
   const int64_t B = x.size(0), C = x.size(2);
-  TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0 && C % n_head == 0, op, ": n_head ", n_head,
-              " must divide C = ", C, " and be a multiple of n_kv_head ", n_kv_head);
-  const Shape sh{B, C, n_head, n_kv_head, C / n_head};
+  TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0 && head_dim >= 0 &&
+                  (head_dim > 0 || C % n_head == 0),
+              op, ": n_head ", n_head, " must be a multiple of n_kv_head ", n_kv_head, " and head_dim ", head_dim,
+              " positive, or 0 with n_head dividing C = ", C);
+  TORCH_CHECK(n(q_norms) == n(k_norms) && (q_norms.empty() || n(q_norms) == L), op,
+              ": q_norms and k_norms must both be empty or hold one entry per block, got ", n(q_norms), " and ",
+              n(k_norms), " for ", L, " blocks");
+  const Shape sh{B, C, n_head, n_kv_head, head_dim > 0 ? head_dim : C / n_head};
+  const auto qk_norm = [&](at::TensorList w, int64_t l) { return w.empty() ? OptTensor() : OptTensor(w[l]); };
   const auto linears = [&](int64_t l) {
     return Linears{qweights, scales, zeros, biases, bits, group_sizes, per * l, static_cast<int>(per)};
   };
   for (int64_t l = 0; l < L; ++l) {
-    check_block(op, l, sh, norm1[l], norm2[l], linears(l), k_caches[l], v_caches[l], cache_seqlens[l], position);
+    check_block(op, l, sh, norm1[l], norm2[l], qk_norm(q_norms, l), qk_norm(k_norms, l), linears(l), k_caches[l],
+                v_caches[l], cache_seqlens[l], position);
   }
 
   linears(0).prepare(0);
@@ -254,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
   at::Tensor out = x.view({B, C});
   OptTensor h = present(residual) ? OptTensor(residual->view({B, C})) : std::nullopt;
   for (int64_t l = 0; l < L; ++l) {
-    auto [o, h2] = block(out, h, sh, norm1[l], norm2[l], eps, linears(l), k_caches[l], v_caches[l],
-                         cache_seqlens[l], position, rot_cos, rot_sin, scale);
+    auto [o, h2] = block(out, h, sh, norm1[l], norm2[l], qk_norm(q_norms, l), qk_norm(k_norms, l), eps, linears(l),
+                         k_caches[l], v_caches[l], cache_seqlens[l], position, rot_cos, rot_sin, scale);
     out = o;
     h = h2;
   }
