@@ -193,7 +193,8 @@ def test_benchmark_runs_each_competitor(fused):
     from fastlm.bench import hf as bench_hf
 
     small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    r = bench_hf.quantized_decode(quick=True, config=small)
+    r = bench_hf.quantized_decode(quick=True, config=small, model="qwen3-0.6b")
+    assert r["model"] == "qwen3-0.6b" and r["config"]["head_dim"] == 128 and r["config"]["num_hidden_layers"] == 2
     assert set(r["rows"]) == set(bench_hf.DECODE_COMPETITORS)
     assert all(v > 0 for row in r["rows"].values() for v in row.values())
     assert any(fused.calls)

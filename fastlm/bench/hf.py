@@ -18,11 +18,12 @@ thread pools and compiled graphs do not reach the next):
 torch.compile is timed on the training step and the prefill; generate() with a compiled forward
 recompiles for every cache length (or needs a static cache), so its decode is not measured.
 
-On the CPU (with fastlm's CPU extension) it also measures a quantized decode (quantized_decode):
-the 0.65 B Llama shape of `fastlm bench --op model`'s, as a transformers model, greedy generate()
-at batch 1 and 8: transformers float32 against the patched model quantized by fastlm.quantize_
-(int8, int4 in groups of 32), whose decode steps run the decoder stack in one call
-(fastlm.hf_decode), and the same int4 model layer by layer through the patched modules.
+On the CPU (with fastlm's CPU extension) it also measures a quantized decode (quantized_decode) of
+two shapes (DECODE_MODELS: the 0.65 B Llama of `fastlm bench --op model`'s, and Qwen3-0.6B's) as
+transformers models, greedy generate() at batch 1 and 8: transformers float32 against the patched
+model quantized by fastlm.quantize_ (int8, int4 in groups of 32), whose decode steps run the
+decoder stack in one call (fastlm.hf_decode), and the same int4 model layer by layer through the
+patched modules.
 
 `cases` has no harness cases: a whole training step is not one op call, so everything is in `extra`.
 """
@@ -154,11 +155,18 @@ def measure(name: str, competitor: str, device: str, quick: bool, shape: dict | 
     return res
 
 
-# The 0.65 B Llama shape of `fastlm bench --op model`'s quantized decode (fastlm.bench.model.DECODE_CONFIG),
-# as a transformers Llama.
-DECODE_MODEL = dict(model_type="llama", vocab_size=32000, hidden_size=1536, intermediate_size=4096,
-                    num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4,
-                    max_position_embeddings=1024, tie_word_embeddings=True)
+DECODE_MODELS = {
+    # The 0.65 B Llama shape of `fastlm bench --op model`'s quantized decode
+    # (fastlm.bench.model.DECODE_CONFIG), as a transformers Llama.
+    "llama-0.65b": dict(model_type="llama", vocab_size=32000, hidden_size=1536, intermediate_size=4096,
+                        num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4,
+                        max_position_embeddings=1024, tie_word_embeddings=True),
+    # Qwen3-0.6B's shape: head_dim 128 over a width of 1024, per-head q and k norms, a 151936-token
+    # vocabulary tied to the embedding.
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=1024, tie_word_embeddings=True),
+}
 # name -> (quantize_ arguments or None for the float32 model unpatched, decode stack in one call)
 DECODE_COMPETITORS = {
     "transformers fp32": (None, False),
@@ -169,12 +177,13 @@ DECODE_COMPETITORS = {
 
 
 @torch.no_grad()
-def quantized_decode(quick: bool = False, config: dict | None = None) -> dict:
+def quantized_decode(quick: bool = False, config: dict | None = None, model: str = "llama-0.65b") -> dict:
     """Greedy generate() tokens/s of a transformers Llama on the CPU: float32 as transformers runs
     it, and patched and quantized (fastlm.quantize_ with act_quant) with the decoder stack in one
     kernel call (fastlm.hf_decode) or layer by layer through the patched modules. Competitors are
     timed in turns in this process; decode tokens/s = batch x new / (time of 1 + new tokens - time
-    of 1 token), after a 16-token prompt. config overrides DECODE_MODEL (a test's small model)."""
+    of 1 token), after a 16-token prompt. model names a DECODE_MODELS shape; config overrides it (a
+    test's small model)."""
     import transformers
 
     import fastlm
@@ -182,7 +191,7 @@ def quantized_decode(quick: bool = False, config: dict | None = None) -> dict:
     from fastlm.bench.quant_matmul import read_bandwidth
 
     bw = read_bandwidth(torch.device("cpu"))
-    cfg = dict(DECODE_MODEL, num_hidden_layers=2) if quick else dict(DECODE_MODEL)
+    cfg = dict(DECODE_MODELS[model], num_hidden_layers=2) if quick else dict(DECODE_MODELS[model])
     cfg.update(config or {})
     family = cfg.pop("model_type")
     prompt, new, reps = (16, 4, 2) if quick else (16, 16, 3)
@@ -197,10 +206,10 @@ def quantized_decode(quick: bool = False, config: dict | None = None) -> dict:
                 fastlm.quantize_(fastlm.patch(shared), **args)
         models[name] = (shared, fused)
 
-    def run(model, fused, ids, n):
+    def run(net, fused, ids, n):
         hf_decode.ENABLED = fused
         try:
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            net.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         finally:
             hf_decode.ENABLED = True
 
@@ -208,20 +217,21 @@ def quantized_decode(quick: bool = False, config: dict | None = None) -> dict:
     for b in (1, 8):
         ids = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=torch.Generator().manual_seed(b))
         fns = {}
-        for name, (model, fused) in models.items():
-            fns[f"{name} +1"] = functools.partial(run, model, fused, ids, 1)
-            fns[f"{name} +{1 + new}"] = functools.partial(run, model, fused, ids, 1 + new)
+        for name, (net, fused) in models.items():
+            fns[f"{name} +1"] = functools.partial(run, net, fused, ids, 1)
+            fns[f"{name} +{1 + new}"] = functools.partial(run, net, fused, ids, 1 + new)
         ms = interleaved_ms(fns, torch.device("cpu"), warmup=1, reps=reps)
         rates[b] = {name: b * new / ((ms[f"{name} +{1 + new}"] - ms[f"{name} +1"]) * 1e-3) for name in models}
     base = rates[1]["transformers fp32"]
-    print(f"transformers Llama, {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, greedy decode after "
+    print(f"transformers {model}, {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, greedy decode after "
           f"{prompt} tokens, read bandwidth {bw:.1f} GB/s, competitors in turns:")
     print(f"  {'competitor':<28}{'b1 tok/s':>10}{'b8 tok/s':>10}{'b1 x fp32':>10}")
     rows = {}
     for name in models:
         rows[name] = {"decode_b1_tok_s": rates[1][name], "decode_b8_tok_s": rates[8][name]}
         print(f"  {name:<28}{rates[1][name]:>10.2f}{rates[8][name]:>10.2f}{rates[1][name] / base:>10.2f}")
-    return {"config": dict(cfg, model_type=family), "prompt": prompt, "new": new, "read_GBps": bw, "rows": rows}
+    return {"model": model, "config": dict(cfg, model_type=family), "prompt": prompt, "new": new, "read_GBps": bw,
+            "rows": rows}
 
 
 def _worker() -> None:
@@ -270,7 +280,7 @@ def extra(device: torch.device, quick: bool = False, shape: dict | None = None, 
         from fastlm import backends
 
         if "cpu" in backends.available("cpu"):
-            results["quantized_decode"] = quantized_decode(quick)
+            results["quantized_decode"] = {name: quantized_decode(quick, model=name) for name in DECODE_MODELS}
     head = (f"{'model':<12}{'competitor':<22}{'train tok/s':>12}{'vs eager':>9}{'peak MiB':>11}"
             f"{'prefill ms':>12}{'ms/token':>12}")
     print(head + "\n" + "-" * len(head))
