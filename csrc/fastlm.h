@@ -72,6 +72,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                 double scale);
+// decode_attention_cpu whose sequence b attends keys cache_starts[b] .. seqlens[b] - 1 only
+// (its first positions padding), for one new float32 token (Tn = 1); cache_starts (B) int32 or absent.
+at::Tensor decode_attention_from_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& cache_seqlens, const OptTensor& cache_starts, double scale);
 
 // Weight-only quantized linear: y = x dequant(W)^T + bias, accumulated in float32, never
 // materialising a float copy of W. x (M, K); y (M, N) in x's dtype. The layout (fastlm/quant.py
@@ -153,6 +157,8 @@ at::Tensor rotary_pos_table_cpu(const at::Tensor& positions, double theta, int64
 // made inside, or the caller's float32 table cos, sin (1 or B, 1, rotary_dim) in rotate-half layout,
 // theta then unused. q_norms / k_norms (one (D) weight per block, or none): each head of q and k
 // rms-normalised over D before rotary (Qwen3). head_dim D: 0 means C / n_head; proj takes Hq D.
+// cache_starts (B) int32, or absent: sequence b's first cache_starts[b] positions are padding that
+// attention skips (a left-padded batch); its rotary position then comes with the table.
 // Every block is checked before the first runs.
 // Returns the last block's (mlp out, h), both (B, 1, C).
 std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
@@ -161,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef bits, at::IntArrayRef group_sizes,
     at::TensorList k_caches, at::TensorList v_caches, at::TensorList cache_seqlens, int64_t position, int64_t n_head,
     int64_t n_kv_head, double theta, double scale, at::TensorList q_norms, at::TensorList k_norms, int64_t head_dim,
-    const OptTensor& cos, const OptTensor& sin);
+    const OptTensor& cos, const OptTensor& sin, const OptTensor& cache_starts);
 
 #ifdef FASTLM_WITH_CUDA
 at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

@@ -28,7 +28,8 @@ TORCH_LIBRARY(fastlm_C, m) {
   m.def("decode_blocks(Tensor x, Tensor? residual, Tensor[] norm1, Tensor[] norm2, float eps, Tensor[] qweights,"
         " Tensor[] scales, Tensor?[] zeros, Tensor?[] biases, int[] bits, int[] group_sizes, Tensor(a!)[] k_caches,"
         " Tensor(b!)[] v_caches, Tensor(c!)[] cache_seqlens, int position, int n_head, int n_kv_head, float theta,"
-        " float scale, Tensor[] q_norms, Tensor[] k_norms, int head_dim, Tensor? cos, Tensor? sin) -> (Tensor, Tensor)");
+        " float scale, Tensor[] q_norms, Tensor[] k_norms, int head_dim, Tensor? cos, Tensor? sin,"
+        " Tensor? cache_starts) -> (Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor, Tensor)");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");

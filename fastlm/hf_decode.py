@@ -13,8 +13,10 @@ and every call that is not such a step, or that this path does not cover, goes t
 forward unchanged. Covered: Llama / Mistral / Qwen2 / Qwen3 decoder layers with all seven
 projections act_quant QuantLinears (float32 biases or none), float32 RMSNorms (Qwen3's per-head q
 and k norms too), SiLU, any head_dim, any rotary scaling (the model's rotary module makes the
-table), no hooks, inference (no grad, eval), no padding in the attention mask, and every cache layer
-a plain DynamicLayer (not a sliding window) holding float32 keys of the same length.
+table), no hooks, inference (no grad, eval), no padding in the attention mask but at the front of
+a row (a left-padded batch: attention skips each row's padding, rotary takes each row's position),
+and every cache layer a plain DynamicLayer (not a sliding window) holding float32 keys of the same
+length.
 
 The cache stays transformers' own: each layer's keys and values become views of a longer buffer,
 which the kernel writes the new position into, so nothing is concatenated per step; the buffer
@@ -108,9 +110,22 @@ def _kv(layer, batch: int, length: int) -> tuple:
     return entry
 
 
+def _padding(mask, batch: int, length: int) -> torch.Tensor | None:
+    """Each sequence's count of leading padding positions (B,) int32, when mask is left padding
+    only (row b: zeros, then ones through the new token); None otherwise."""
+    if mask.shape != (batch, length + 1):
+        return None
+    keep = mask.bool()
+    pads = (~keep).sum(1)
+    if not torch.equal(keep, torch.arange(length + 1) >= pads[:, None]):
+        return None
+    return pads.to(torch.int32)
+
+
 def _step(base, args: tuple, kwargs: dict) -> tuple | None:
-    """(ids, cache, the cache's keyword, its length) when the call is one new token per sequence in
-    inference, after a prompt in a DynamicCache of plain float32 layers, without padding."""
+    """(ids, cache, the cache's keyword, its length, leading padding (B) int32 or None) when the call
+    is one new token per sequence in inference, after a prompt in a DynamicCache of plain float32
+    layers, with no padding but at the front of a row."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     if not ENABLED or torch.is_grad_enabled() or base.training or len(args) > 1 or torch.compiler.is_compiling():
@@ -133,11 +148,16 @@ def _step(base, args: tuple, kwargs: dict) -> tuple | None:
     if length == 0 or any(c.keys.shape[2] != length or c.keys.shape[0] != batch for c in cache.layers):
         return None
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
-    if mask is not None and (mask.shape != (batch, length + 1) or not bool(mask.all())):
+    pads = None if mask is None else _padding(mask, batch, length)
+    if mask is not None and pads is None:
         return None
-    if pos is not None and (pos.numel() not in (1, batch) or bool((pos != length).any())):
+    if pads is not None and not bool(pads.any()):
+        pads = None
+    # Each row's position: after its own tokens (transformers counts them from the mask).
+    want = torch.full((batch, 1), length) if pads is None else (length - pads.long())[:, None]
+    if pos is not None and (pos.numel() not in (1, batch) or not torch.equal(pos.reshape(-1, 1).expand_as(want), want)):
         return None
-    return ids, cache, cache_name, length
+    return ids, cache, cache_name, length, pads, want if pads is not None else want[:1]
 
 
 def _stack(base) -> tuple | None:
@@ -164,13 +184,13 @@ def decode_step(base, args: tuple, kwargs: dict):
     stack = None if step is None else _stack(base)
     if stack is None:
         return None
-    ids, cache, cache_name, length = step
+    ids, cache, cache_name, length, pads, positions = step
     parts, n_head, n_kv, head_dim = stack
     x = base.embed_tokens(ids)
     if x.dtype != torch.float32:
         return None
     # The model's own rotary table for the position, whatever its scaling (as its layers get it).
-    cos, sin = base.rotary_emb(x, torch.full((1, 1), length, dtype=torch.long))
+    cos, sin = base.rotary_emb(x, positions)
     kv = [_kv(c, ids.shape[0], length) for c in cache.layers]
     linears = [lin for p in parts for lin in p.linears]
     bufs = [lin._buffers for lin in linears]
@@ -181,7 +201,7 @@ def decode_step(base, args: tuple, kwargs: dict):
         [lin._parameters.get("bias") for lin in linears], [lin.bits for lin in linears],
         [lin.group_size for lin in linears], [e[0] for e in kv], [e[1] for e in kv], [e[2] for e in kv], length,
         n_head, n_kv, 1.0, parts[0].scaling, [p.q_norm for p in parts] if qk else [],
-        [p.k_norm for p in parts] if qk else [], head_dim, cos.contiguous(), sin.contiguous())
+        [p.k_norm for p in parts] if qk else [], head_dim, cos.contiguous(), sin.contiguous(), pads)
     for c, (kb, vb, lens, _, _) in zip(cache.layers, kv):
         c.keys, c.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
         _BUFFERS[c] = (kb, vb, lens, c.keys, c.values)

@@ -220,7 +220,7 @@ def _decode_blocks(blocks, x: Tensor, residual: Tensor | None, caches) -> tuple[
         [d["qweight"] for d in bufs], [d["scales"] for d in bufs], [d["zeros"] for d in bufs],
         [lin._parameters["bias"] for lin in linears], [lin.bits for lin in linears],
         [lin.group_size for lin in linears], [c.k for c in kv], [c.v for c in kv], [c.seqlens for c in kv], position,
-        n_head, n_kv_head, theta, 1.0 / math.sqrt(head_dim), [], [], head_dim, None, None)
+        n_head, n_kv_head, theta, 1.0 / math.sqrt(head_dim), [], [], head_dim, None, None, None)
     for c in kv:
         c.longest += 1
     return out, h

@@ -206,7 +206,7 @@ def test_raw_op_errors():
             [m.bits for m in lins], [m.group_size for m in lins],
             [c.k for c in caches[:-1]] + [caches[-1].k if k is None else k],
             [c.v for c in caches], [c.seqlens for c in caches[:-1]] + [caches[-1].seqlens if lens is None else lens],
-            position, 4, 2, 10000.0, 96 ** -0.5, [], [], 0, None, None)
+            position, 4, 2, 10000.0, 96 ** -0.5, [], [], 0, None, None, None)
 
     out, h = call()
     assert out.shape == h.shape == (2, 1, 384) and [c.seqlens.tolist() for c in caches] == [[1, 1], [1, 1]]
@@ -263,7 +263,7 @@ def test_q_k_v_apart_give_the_same_bits(fmt):
                 x[position], None, [blk.norm1.weight for blk in blocks], [blk.norm2.weight for blk in blocks],
                 1e-5, [m.qweight for m in lins], [m.scales for m in lins], [m.zeros for m in lins], [None] * len(lins),
                 [m.bits for m in lins], [m.group_size for m in lins], [c.k for c in caches], [c.v for c in caches],
-                [c.seqlens for c in caches], position, 4, 2, 10000.0, 96 ** -0.5, [], [], 0, None, None)
+                [c.seqlens for c in caches], position, 4, 2, 10000.0, 96 ** -0.5, [], [], 0, None, None, None)
         runs.append((outs, caches))
     # Not to the bit: which rows a matmul's kernels take together (and so the order of their
     # float sums) depends on its number of rows.
@@ -287,13 +287,13 @@ def test_q_k_v_apart_are_checked():
             torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
             [m.scales for m in lins], [m.zeros for m in lins], [None] * len(lins), [m.bits for m in lins],
             [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5, [], [],
-            0, None, None)
+            0, None, None, None)
     with pytest.raises(RuntimeError, match="or 7 \\(q, k, v, proj, gate, up, down\\)"):
         torch.ops.fastlm_C.decode_blocks(
             torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins[:6]],
             [m.scales for m in lins[:6]], [m.zeros for m in lins[:6]], [None] * 6, [m.bits for m in lins[:6]],
             [m.group_size for m in lins[:6]], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5, [],
-            [], 0, None, None)
+            [], 0, None, None, None)
 
 
 @torch.no_grad()
@@ -313,7 +313,7 @@ def test_a_rotary_table_given_replaces_theta():
             x, None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
             [m.scales for m in lins], [m.zeros for m in lins], [None] * 5, [m.bits for m in lins],
             [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], position, 4, 2, theta, 96 ** -0.5,
-            [], [], 0, cos, sin)
+            [], [], 0, cos, sin, None)
         return out[0], cache.k[:, :, position]
 
     inv = 500000.0 ** (-torch.arange(0, 96, 2, dtype=torch.float64) / 96)
@@ -343,7 +343,7 @@ def test_a_bias_of_the_wrong_shape_is_named():
             torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
             [m.scales for m in lins], [m.zeros for m in lins], [None, None, None, torch.zeros(384), None],
             [m.bits for m in lins], [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2,
-            10000.0, 96 ** -0.5, [], [], 0, None, None)
+            10000.0, 96 ** -0.5, [], [], 0, None, None, None)
 
 
 def test_q_k_norms_and_head_dim_are_checked():
@@ -357,7 +357,7 @@ def test_q_k_norms_and_head_dim_are_checked():
             torch.randn(1, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
             [m.scales for m in lins], [m.zeros for m in lins], [None] * 5, [m.bits for m in lins],
             [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5,
-            q_norms, k_norms, head_dim, None, None)
+            q_norms, k_norms, head_dim, None, None, None)
 
     with pytest.raises(RuntimeError, match="decode_blocks: q_norms and k_norms must both be empty or hold one entry"):
         call([torch.ones(96)], [])
@@ -370,3 +370,25 @@ def test_q_k_norms_and_head_dim_are_checked():
     assert cache.seqlens.tolist() == [0]
     out, _ = call([torch.ones(96)], [torch.ones(96)])
     assert out.shape == (1, 1, 384) and cache.seqlens.tolist() == [1]
+
+
+def test_cache_starts_are_checked():
+    model = llama()
+    blk = model.blocks[0]
+    lins = [blk.attn.qkv, blk.attn.proj, blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj]
+    cache = blk.attn.new_cache(2, 4)
+
+    def call(starts):
+        return torch.ops.fastlm_C.decode_blocks(
+            torch.randn(2, 1, 384), None, [blk.norm1.weight], [blk.norm2.weight], 1e-5, [m.qweight for m in lins],
+            [m.scales for m in lins], [m.zeros for m in lins], [None] * 5, [m.bits for m in lins],
+            [m.group_size for m in lins], [cache.k], [cache.v], [cache.seqlens], 0, 4, 2, 10000.0, 96 ** -0.5,
+            [], [], 0, None, None, starts)
+
+    with pytest.raises(RuntimeError, match=r"decode_blocks: cache_starts\[1\] = 1 must lie in \[0, 0\]"):
+        call(torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"decode_blocks: cache_starts must be a contiguous int32 CPU tensor"):
+        call(torch.tensor([0, 0]))
+    assert cache.seqlens.tolist() == [0, 0]
+    call(torch.zeros(2, dtype=torch.int32))
+    assert cache.seqlens.tolist() == [1, 1]

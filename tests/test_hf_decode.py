@@ -144,19 +144,34 @@ def test_beam_search_reorders_the_cache(fused):
     assert torch.equal(got, want)
 
 
-def _left_padded():
-    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(6))
-    mask = torch.ones(2, 6, dtype=torch.long)
-    ids[1, :2], mask[1, :2] = 0, 0
-    return {"attention_mask": mask}, ids
+def _padded(left: bool):
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    for row, pad in ((1, 2), (2, 5)):
+        cols = slice(0, pad) if left else slice(7 - pad, 7)
+        ids[row, cols], mask[row, cols] = 0, 0
+    return ids, mask
 
 
-@pytest.mark.parametrize("case", ["padding", "float model", "sliding window", "hook", "q norm hook", "grad"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_left_padded_batches(fused, family):
+    """Rows of 7, 5 and 2 tokens, padded at the front: attention skips each row's padding and
+    rotary takes each row's own position, as transformers does from the mask."""
+    model = build(family, **({"head_dim": 32} if family == "qwen3" else {}))
+    ids, mask = _padded(left=True)
+    got = generate(model, ids, 5, attention_mask=mask)
+    assert fused.calls == [False] + [True] * 4
+    fused.off()
+    assert_same_run(got, generate(model, ids, 5, attention_mask=mask))
+
+
+@pytest.mark.parametrize("case", ["right padding", "float model", "sliding window", "hook", "q norm hook", "grad"])
 def test_steps_it_does_not_cover_are_transformers(fused, case):
     kw, ids = {}, torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
-    if case == "padding":
+    if case == "right padding":
         model = build()
-        kw, ids = _left_padded()
+        ids, mask = _padded(left=False)
+        kw = {"attention_mask": mask}
     elif case == "float model":
         model = build(quantize=False)
     elif case == "sliding window":
@@ -211,3 +226,16 @@ def test_the_models_own_rotary_table_is_used(fused):
     assert fused.calls == [False, True, True, True]
     fused.off()
     assert_same_run(got, generate(model, ids, 4))
+
+
+def test_left_padding_over_a_sliced_cache(fused):
+    """One sequence of 560 positions, the first 300 padding: decode attention splits a cache this
+    long into slices, which must start at the first real position."""
+    model = build(num_key_value_heads=1, max_position_embeddings=1024, num_hidden_layers=2)
+    ids = torch.randint(3, VOCAB, (1, 560), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(1, 560, dtype=torch.long)
+    ids[0, :300], mask[0, :300] = 0, 0
+    got = generate(model, ids, 3, attention_mask=mask)
+    assert fused.calls == [False, True, True]
+    fused.off()
+    assert_same_run(got, generate(model, ids, 3, attention_mask=mask), rtol=1e-4)

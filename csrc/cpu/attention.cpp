@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/pool.h"
 #include "cpu/vec.h"
 #include "fastlm.h"
@@ -547,8 +548,9 @@ void attend_queries(int64_t g, const float* qs, const T* k, const T* v, int64_t 
 // slice's keys and leaves a partial (max, sum, unnormalised output) per query in part; the
 // partials are merged afterwards. With one slice (S = 1) each task writes its output itself.
 template <typename T>
-void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, int64_t longest, T* out, float* part,
-                 int64_t S, int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t Tmax, int64_t D, double scale) {
+void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, const int32_t* starts, int64_t longest,
+                 T* out, float* part, int64_t S, int64_t B, int64_t Hq, int64_t Hk, int64_t Tn, int64_t Tmax, int64_t D,
+                 double scale) {
   const int64_t G = Hq / Hk, nq = G * Tn, W = D + 2;
   const float qmul = static_cast<float>(scale) * kLog2e;
   // A short cache is a few microseconds of work per task: run such tasks on this thread.
@@ -564,9 +566,10 @@ void decode_fast(const T* q, const T* kc, const T* vc, const int64_t* lens, int6
     std::vector<const T*> rows(nqs);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bk = task / S, s = task % S, b = bk / Hk, hk = bk % Hk;
-      const int64_t len = lens[b];
-      const int64_t chunk = ((len + S - 1) / S + kBK - 1) / kBK * kBK;
-      const int64_t k0 = std::min(len, s * chunk), k1 = std::min(len, k0 + chunk);
+      // Keys [start, len): start > 0 where a sequence's first positions are padding (Tn == 1 only).
+      const int64_t len = lens[b], start = starts ? starts[b] : 0;
+      const int64_t chunk = ((len - start + S - 1) / S + kBK - 1) / kBK * kBK;
+      const int64_t k0 = std::min(len, start + s * chunk), k1 = std::min(len, k0 + chunk);
       if (Tn == 1) {  // one new token: the group's queries by attend_group, up to kMaxGroup at once
         for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup) {
           const int64_t gs = std::min(kMaxGroup, G - g0);
@@ -906,6 +909,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& cache_seqlens, double scale) {
+  return decode_attention_from_cpu(q, k_cache, v_cache, cache_seqlens, std::nullopt, scale);
+}
+
+at::Tensor decode_attention_from_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& cache_seqlens, const OptTensor& cache_starts, double scale) {
   check_qkv("decode_attention", q, k_cache, v_cache);
   const int64_t B = q.size(0), Hq = q.size(1), Tn = q.size(2), D = q.size(3), Hk = k_cache.size(1),
                 Tmax = k_cache.size(2);
@@ -920,6 +928,19 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
                 " must lie in [", Tn, ", ", Tmax, "] (new tokens, cache capacity)");
     longest = std::max(longest, lp[b]);
   }
+  const int32_t* starts = nullptr;
+  if (present(cache_starts)) {
+    TORCH_CHECK(Tn == 1 && q.scalar_type() == at::kFloat && cache_starts->device().is_cpu() &&
+                    cache_starts->scalar_type() == at::kInt && cache_starts->dim() == 1 && cache_starts->size(0) == B &&
+                    cache_starts->is_contiguous(),
+                "decode_attention: cache_starts must be a contiguous int32 CPU tensor of shape (", B,
+                "), for one new float32 token per sequence");
+    starts = cache_starts->data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(starts[b] >= 0 && starts[b] < lp[b], "decode_attention: cache_starts[", b, "] = ", starts[b],
+                  " must lie in [0, ", lp[b], ")");
+    }
+  }
   at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kDouble) {
     decode_f64<double, int64_t>(q.data_ptr<double>(), k_cache.data_ptr<double>(), v_cache.data_ptr<double>(), lp,
@@ -931,8 +952,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   at::Tensor part = at::empty({S > 1 ? B * Hk * (Hq / Hk) * Tn * S * (D + 2) : 0}, q.options().dtype(at::kFloat));
   dispatch_reduced(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    decode_fast<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), lp, longest, out.data_ptr<T>(),
-                   part.data_ptr<float>(), S, B, Hq, Hk, Tn, Tmax, D, scale);
+    decode_fast<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), lp, starts, longest,
+                   out.data_ptr<T>(), part.data_ptr<float>(), S, B, Hq, Hk, Tn, Tmax, D, scale);
   });
   return out;
 }

@@ -152,8 +152,9 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
                                          const at::Tensor& norm1, const at::Tensor& norm2, const OptTensor& q_norm,
                                          const OptTensor& k_norm, double eps, const Linears& linear,
                                          const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                         const at::Tensor& cache_seqlens, int64_t position, const at::Tensor& cos,
-                                         const at::Tensor& sin, double scale) {
+                                         const at::Tensor& cache_seqlens, const OptTensor& cache_starts,
+                                         int64_t position, const at::Tensor& cos, const at::Tensor& sin,
+                                         double scale) {
   const auto [B, C, Hq, Hk, D] = sh;
   // h = x + residual; y = rms_norm(h)
   auto [y, h, unused_mean, unused_rstd] = norm_fwd_cpu(x2, norm1, std::nullopt, r2, eps, /*rms=*/true);
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x2, const OptTensor& 
     }
     lens[b] += 1;
   }
-  const at::Tensor att = decode_attention_cpu(q, k_cache, v_cache, cache_seqlens, scale);
+  const at::Tensor att = decode_attention_from_cpu(q, k_cache, v_cache, cache_seqlens, cache_starts, scale);
   const at::Tensor o = linear(1, att.transpose(1, 2).reshape({B, Hq * D}));
   linear.prepare(2);
 
@@ -209,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef bits, at::IntArrayRef group_sizes,
     at::TensorList k_caches, at::TensorList v_caches, at::TensorList cache_seqlens, int64_t position, int64_t n_head,
     int64_t n_kv_head, double theta, double scale, at::TensorList q_norms, at::TensorList k_norms, int64_t head_dim,
-    const OptTensor& cos, const OptTensor& sin) {
+    const OptTensor& cos, const OptTensor& sin, const OptTensor& cache_starts) {
   const char* op = "decode_blocks";
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
                   x.scalar_type() == at::kFloat,
@@ -249,6 +250,17 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
                 v_caches[l], cache_seqlens[l], position);
   }
 
+  if (present(cache_starts)) {
+    TORCH_CHECK(cache_starts->device().is_cpu() && cache_starts->scalar_type() == at::kInt &&
+                    cache_starts->dim() == 1 && cache_starts->size(0) == B && cache_starts->is_contiguous(),
+                op, ": cache_starts must be a contiguous int32 CPU tensor of shape (", B, ")");
+    const int32_t* st = cache_starts->data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(st[b] >= 0 && st[b] <= position, op, ": cache_starts[", b, "] = ", st[b], " must lie in [0, ",
+                  position, "]: the new token is never padding");
+    }
+  }
+
   linears(0).prepare(0);
   TORCH_CHECK(present(cos) == present(sin), op, ": cos and sin must be given together");
   if (present(cos)) {
@@ -278,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> decode_blocks_cpu(
   OptTensor h = present(residual) ? OptTensor(residual->view({B, C})) : std::nullopt;
   for (int64_t l = 0; l < L; ++l) {
     auto [o, h2] = block(out, h, sh, norm1[l], norm2[l], qk_norm(q_norms, l), qk_norm(k_norms, l), eps, linears(l),
-                         k_caches[l], v_caches[l], cache_seqlens[l], position, rot_cos, rot_sin, scale);
+                         k_caches[l], v_caches[l], cache_seqlens[l], cache_starts, position, rot_cos, rot_sin, scale);
     out = o;
     h = h2;
   }
