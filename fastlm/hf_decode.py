@@ -135,7 +135,7 @@ def _step(base, args: tuple, kwargs: dict) -> tuple | None:
     cache = kwargs.get(cache_name)
     if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1 or not ids.is_cpu
             or kwargs.get("inputs_embeds") is not None or type(cache) is not DynamicCache
-            or kwargs.get("use_cache") is False or kwargs.get("output_attentions")
+            or kwargs.get("use_cache") is False or kwargs.get("return_dict") is False or kwargs.get("output_attentions")
             or kwargs.get("output_hidden_states") or base.config.output_hidden_states
             or base.config.output_attentions or _hooked(base)
             or backends.choose("decode_blocks", ids.device) != "cpu"):
